@@ -1,0 +1,38 @@
+"""Token masks for masked modeling, as permutations: the first `len_keep` tokens of
+`ids_shuffle` stay visible, the rest are masked, and `ids_restore` undoes the shuffle."""
+import torch
+
+
+def random_unstructured_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float,
+                             device: torch.device | str | None = None) -> tuple[torch.Tensor, int]:
+    """Mask any `mask_ratio` of the F'*T' tokens independently per sample.
+
+    Returns ids_shuffle [B, N] (int64; ascending noise, so low noise = visible) and len_keep.
+    """
+    n_tokens = grid_size[0] * grid_size[1]
+    len_keep = int(n_tokens * (1 - mask_ratio))
+    noise = torch.rand(batch, n_tokens, device=device)
+    return torch.argsort(noise, dim=1), len_keep
+
+
+def random_structured_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float,
+                           device: torch.device | str | None = None) -> tuple[torch.Tensor, int]:
+    """Mask whole frequency rows and time columns, about `mask_ratio` of the tokens.
+
+    One random row count (never all rows) and the matching column count are drawn per batch, so
+    every sample has the same number of masked tokens; which rows and columns is drawn per sample.
+    Returns ids_shuffle [B, N] with the visible tokens first (in grid order) and len_keep.
+    """
+    grid_f, grid_t = grid_size
+    n_rows = min(grid_f - 1, int(grid_f * (mask_ratio + 1.0 / grid_f) * float(torch.rand(()))))
+    n_cols = int(grid_t * max(mask_ratio + 0.5 / grid_t - n_rows / grid_f, 0.0))
+    rows = torch.rand(batch, grid_f, device=device).argsort(dim=1)[:, :n_rows]
+    cols = torch.rand(batch, grid_t, device=device).argsort(dim=1)[:, :n_cols]
+    masked = torch.zeros(batch, grid_f, grid_t, dtype=torch.bool, device=device)
+    masked.scatter_(1, rows[:, :, None].expand(-1, -1, grid_t), True)
+    masked.scatter_(2, cols[:, None, :].expand(-1, grid_f, -1), True)
+    masked = masked.flatten(1)
+    len_keep = int((~masked[0]).sum())
+    # A stable sort of the 0/1 mask puts visible tokens first, each group in grid order.
+    ids_shuffle = torch.argsort(masked.to(torch.uint8), dim=1, stable=True)
+    return ids_shuffle, len_keep
