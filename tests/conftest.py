@@ -33,3 +33,12 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def audio_batch() -> torch.Tensor:
     """Three 3-second clips at 16 kHz in [-1, 1]: [3, 48000]."""
     return torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (3, 48000)).astype(np.float32))
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one intra-op thread (timing-independent numerics, no oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
