@@ -1,0 +1,108 @@
+"""The main job on built-in demo data, end to end on CPU in a few minutes (no downloads):
+
+1. generate an unlabelled demo corpus of synthetic sound events (m2d.synth.write_corpus),
+2. convert it to log-mel spectrograms with wav_to_lms.py and list it in a CSV,
+3. pre-train a small M2D with train_audio.py,
+4. encode audio with RuntimeM2D from the resulting checkpoint,
+5. linear-evaluate the checkpoint on a labelled demo task, next to the same architecture with random weights.
+
+Each step runs the command a user would type (printed before it runs); everything goes below --out.
+Usage: python -m m2d.demo [--out demo_run] [--epochs 40] [--n_files 400]
+"""
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from m2d.models_mae import create_model
+from m2d.runtime_audio import RuntimeM2D
+from m2d.synth import write_corpus, write_labelled_task
+from util.checkpoint import save_atomic
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(cmd: list[str]) -> None:
+    """Print a command as a user would type it, run it from the repository root, stop on failure."""
+    print(f'\n$ {shlex.join(cmd)}', flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def save_random_init(model: str, input_size: str, depth: int, decoder_depth: int, dst: Path) -> Path:
+    """An untrained checkpoint of the demo architecture, in a folder RuntimeM2D parses (the baseline)."""
+    torch.manual_seed(0)
+    size = [int(v) for v in input_size.split('x')]
+    net = create_model(model, img_size=size, depth=depth, decoder_depth=decoder_depth)
+    return save_atomic({'model': net.state_dict()}, dst / f'{model}-{input_size}p16x16-random_init' / 'checkpoint-0.pth')
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', default='demo_run', help='folder for everything the demo writes')
+    parser.add_argument('--n_files', type=int, default=400, help='clips in the unlabelled corpus')
+    parser.add_argument('--epochs', type=int, default=40)
+    parser.add_argument('--batch_size', type=int, default=32)
+    parser.add_argument('--depth', type=int, default=4, help='encoder blocks of the demo M2D (published: 12)')
+    parser.add_argument('--decoder_depth', type=int, default=2)
+    args = parser.parse_args(argv)
+    out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    model, input_size = 'm2d_vit_tiny', '80x208'
+    started = time.time()
+
+    print(f'[1/5] Generating {args.n_files} demo clips (random events, lengths, sample rates, channels)')
+    write_corpus(out / 'audio', args.n_files, seed=0)
+    print(f'[1/5] Generating the labelled demo task')
+    task_csv = write_labelled_task(out / 'task', seed=1)
+
+    print('\n[2/5] Converting the corpus to log-mel spectrograms')
+    data = out / 'data'
+    run(python('wav_to_lms.py', str(out / 'audio'), str(data / 'lms'), '--csv', str(data / 'files_demo.csv'),
+               '--data_path', str(data)))
+    vis = data / 'vis_samples'
+    vis.mkdir(exist_ok=True)
+    for path in sorted((data / 'lms').rglob('*.npy'))[:2]:
+        (vis / path.name).write_bytes(path.read_bytes())
+
+    print('\n[3/5] Pre-training a small M2D on CPU')
+    run_dir = out / 'runs' / f'{model}-{input_size}p16x16-demo'
+    run(python('train_audio.py', '--model', model, '--depth', str(args.depth),
+               '--decoder_depth', str(args.decoder_depth), '--input_size', input_size,
+               '--batch_size', str(args.batch_size), '--epochs', str(args.epochs),
+               '--warmup_epochs', str(max(1, args.epochs // 10)), '--save_freq', str(args.epochs),
+               '--eval_after', str(args.epochs + 1), '--blr', '1e-3', '--device', 'cpu', '--num_workers', '1',
+               '--data_path', str(data), '--dataset', str(data / 'files_demo.csv'), '--output_dir', str(run_dir)))
+    checkpoint = run_dir / f'checkpoint-{args.epochs}.pth'
+
+    print('\n[4/5] Encoding audio with RuntimeM2D from the checkpoint')
+    runtime = RuntimeM2D(weight_file=str(checkpoint))
+    clip = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, 3 * 16000).astype(np.float32))
+    frames = runtime.encode(clip[None])
+    print(f'RuntimeM2D(weight_file={str(checkpoint)!r}).encode(3 s of audio) -> {list(frames.shape)}')
+
+    print('\n[5/5] Linear evaluation on the demo task')
+    baseline = save_random_init(model, input_size, args.depth, args.decoder_depth, out / 'runs')
+    results = out / 'results.csv'
+    for weight in (checkpoint, baseline):
+        run(python('-m', 'm2d.eval', 'lineareval', str(weight), str(task_csv), '--results', str(results)))
+    scores = pd.read_csv(results).drop_duplicates('weight', keep='last').set_index('weight')['score']
+    print(f'\nDemo finished in {(time.time() - started) / 60:.1f} min. Outputs below {out}:')
+    print(f'  corpus {out / "audio"}, LMS {data / "lms"}, file list {data / "files_demo.csv"}')
+    print(f'  pre-training run {run_dir} (checkpoint, log.txt, TensorBoard, mask pictures)')
+    print(f'  labelled task {task_csv}, results {results}')
+    print(f'Linear-evaluation accuracy on the demo task ({model}, depth {args.depth}):')
+    print(f'  pre-trained M2D : {100 * scores[str(checkpoint)]:.1f}%')
+    print(f'  random weights  : {100 * scores[str(baseline)]:.1f}%')
+
+
+if __name__ == '__main__':
+    main()
