@@ -98,3 +98,59 @@ def write_corpus(dst: Union[str, Path], n_files: int, seed: int = 0, seconds: tu
         sf.write(path, np.clip(clip, -1, 1), sr)
         paths.append(path)
     return paths
+
+
+SPLITS = ('train', 'valid', 'test')
+
+
+def _labelled_clip(rng: np.random.Generator, kinds: tuple[str, ...], sample_rate: int, seconds: float,
+                   distractors: tuple[str, ...]) -> np.ndarray:
+    """1-2 events of each kind in `kinds` at random onsets over a noise floor, plus (half the time) a
+    quieter event of another kind, so the label is the dominant sound family, not the only sound."""
+    clip = synth_clip(rng, sample_rate, seconds, kinds=kinds[:1], n_events=(1, 2), noise_db=(-45, -20))
+    n = len(clip)
+    extra = [(k, 0.0) for k in kinds[1:]]
+    if distractors and rng.random() < 0.5:
+        extra.append((str(rng.choice(distractors)), rng.uniform(-25, -12)))
+    for kind, gain_db in extra:
+        event = synth_event(kind, rng, sample_rate, rng.uniform(0.2, max(0.21, seconds)))[:n]
+        start = int(rng.integers(0, max(1, n - len(event) + 1)))
+        clip[start:start + len(event)] += 0.9 * event * 10 ** (gain_db / 20)
+    return (0.9 * clip / (np.abs(clip).max() + 1e-9)).astype(np.float32)
+
+
+def write_labelled_task(dst: Union[str, Path] = 'data/demo_task', seed: int = 0,
+                        n_per_class: tuple[int, int, int] = (60, 15, 30), seconds: float = 2.0,
+                        kinds: tuple[str, ...] = EVENT_KINDS, sample_rate: int = 16000,
+                        multi_label: bool = False, folds: int = 0) -> Path:
+    """Write a labelled demo task in EVAR format; return the metadata CSV path (dst/metadata.csv).
+
+    One class per sound family in `kinds` (8 by default). Clips are `seconds` long, 16 kHz mono wavs
+    below dst/audio; the CSV has `file_name` (relative to dst/audio), `label` and `split`
+    (train/valid/test, n_per_class of each per class). multi_label: each clip holds 1-3 families and
+    `label` lists them comma-separated. folds > 0: a `fold` column (1..folds) instead of `split`,
+    with sum(n_per_class) clips per class spread evenly over the folds.
+    """
+    import pandas as pd  # only the task writer needs pandas
+    rng = np.random.default_rng(seed)
+    dst = Path(dst)
+    rows = []
+    for split, count in zip(SPLITS, n_per_class):
+        for i in range(count * len(kinds)):
+            if multi_label:
+                labels = [str(k) for k in rng.choice(kinds, size=int(rng.integers(1, 4)), replace=False)]
+            else:
+                labels = [kinds[i % len(kinds)]]
+            others = tuple(k for k in EVENT_KINDS if k not in labels)
+            clip = _labelled_clip(rng, tuple(labels), sample_rate, seconds, () if multi_label else others)
+            name = f'{split}/{split}{i:04d}.wav'
+            (dst / 'audio' / split).mkdir(parents=True, exist_ok=True)
+            sf.write(dst / 'audio' / name, clip, sample_rate)
+            rows.append(dict(file_name=name, label=','.join(sorted(labels)), split=split))
+    df = pd.DataFrame(rows)
+    if folds:
+        df = df.drop(columns='split')
+        df['fold'] = df.groupby('label').cumcount() % folds + 1
+    path = dst / 'metadata.csv'
+    df.to_csv(path, index=False)
+    return path
