@@ -10,6 +10,7 @@ input_size=[80, 608], patch_size=[16, 16]). A file name ending in `random` gives
 In eval mode (the default) encoding runs under torch.inference_mode and returns ordinary tensors;
 call .train() for gradients (and for the training mask, when one is set).
 """
+import contextlib
 import logging
 import re
 from pathlib import Path
@@ -47,7 +48,8 @@ class Config:
     training_mask = 0.0    # > 0: structured token masking in training mode, flat token features
     flat_features = False  # [B, tokens, D] instead of [B, frames, D * F/pf]
     encoder_only = False   # ignore decoder/target weights (less memory; no reconstruct())
-    max_chunks_per_pass = 256  # input chunks encoded in one forward pass (bounds memory)
+    max_chunks_per_pass = 256  # input chunks encoded in one forward pass (bounds memory; all in one with a training mask)
+    timestamp_hop_ms = 0.0  # get_timestamp_embeddings hop; 0 = the patch width (16 frames: 160 ms)
     autocast_bf16 = False  # fast path: encode under bfloat16 autocast
     compile = False        # fast path: torch.compile the encoder
     # Log-mel front end.
@@ -243,6 +245,10 @@ class RuntimeM2D(nn.Module):
         """Validate an LMS batch [B, 1, F, T] and move it to the model's device."""
         if isinstance(lms, np.ndarray):
             lms = torch.from_numpy(lms)
+        if not torch.is_tensor(lms):
+            raise TypeError(f'LMS must be a torch.Tensor or numpy array, got {type(lms).__name__}')
+        if not lms.is_floating_point():
+            raise TypeError(f'LMS must be floating point, got {lms.dtype}')
         n_mels, patch_t = self.cfg.input_size[0], self.cfg.patch_size[1]
         if lms.ndim != 4 or lms.shape[1] != 1 or lms.shape[2] != n_mels:
             hint = ' (add the channel dim: lms.unsqueeze(1))' if lms.ndim == 3 else ''
@@ -263,6 +269,9 @@ class RuntimeM2D(nn.Module):
     def normalize_batch(self, x: torch.Tensor, return_stats: bool = False):
         """(x - mean) / std over the whole batch; with return_stats also (mean, std)."""
         mu, sigma = x.mean(), x.std()
+        if not sigma > 0:  # digital silence: every LMS value is log(eps)
+            raise ValueError('cannot normalise a batch of constant spectrograms (digital silence?); normalise '
+                             'with dataset statistics instead: (runtime.to_feature(audio) - mean) / std')
         x = (x - mu) / sigma
         return (x, (mu, sigma)) if return_stats else x
 
@@ -280,9 +289,14 @@ class RuntimeM2D(nn.Module):
         x = F.pad(lms, (0, n_chunks * W - T))
         chunks = x.reshape(B, 1, n_mels, n_chunks, W).permute(0, 3, 1, 2, 4).reshape(B * n_chunks, 1, n_mels, W)
         mask_ratio = self.cfg.training_mask if self.training else 0.0
-        step = max(1, int(self.cfg.max_chunks_per_pass))
+        # A structured training mask draws its row count once per pass, so every chunk must share
+        # one pass for all of them to keep the same number of tokens.
+        step = len(chunks) if mask_ratio > 0 else max(1, int(self.cfg.max_chunks_per_pass))
+        # Enter autocast only when asked: autocast(enabled=False) would switch off a caller's own autocast.
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.autocast_bf16
+                    else contextlib.nullcontext())
         per_pass = []
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg.autocast_bf16)):
+        with autocast:
             for i in range(0, len(chunks), step):
                 latent, *_ = self._forward_encoder(chunks[i:i + step], mask_ratio, return_layers)
                 per_pass.append(latent if return_layers else [latent])
@@ -323,21 +337,45 @@ class RuntimeM2D(nn.Module):
         """Audio [B, S] -> clip embeddings [B, feature_d] (time mean of encode())."""
         return self.encode(audio).mean(dim=1)
 
-    def get_timestamp_embeddings(self, audio: AudioLike) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hop_frames(self, hop_ms: float) -> int:
+        """A timestamp hop in ms -> LMS frames; it must divide the patch width (pt frames)."""
+        frame_ms = 1000.0 * self.cfg.hop_size / self.cfg.sample_rate
+        pt = self.cfg.patch_size[1]
+        hop = round(hop_ms / frame_ms)
+        if hop < 1 or abs(hop * frame_ms - hop_ms) > 1e-6 or pt % hop:
+            choices = ', '.join(f'{h * frame_ms:g}' for h in range(1, pt + 1) if pt % h == 0)
+            raise ValueError(f'timestamp hop {hop_ms} ms is not a divisor of the patch width ({pt} frames of '
+                             f'{frame_ms:g} ms); choose one of {choices}')
+        return hop
+
+    def get_timestamp_embeddings(self, audio: AudioLike, hop_ms: Optional[float] = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Audio [B, S] -> (frame embeddings [B, T', feature_d], timestamps [B, T'] in ms).
 
-        Each timestamp is the centre of the spectrogram frames its embedding covers, so none lies
-        past the end of the audio.
+        By default (hop_ms None and cfg.timestamp_hop_ms 0) there is one embedding per patch width
+        (pt LMS frames: 160 ms). A finer hop_ms (a divisor of that, e.g. 40) also encodes the
+        spectrogram shifted by every multiple of the hop and interleaves the results, at pt / hop
+        times the cost. Each timestamp is the centre of the LMS frames its embedding covers, so
+        timestamps increase and none lies past the end of the audio.
         """
         if self.cfg.flat_features:
             raise ValueError('timestamps need frame features; flat token features (training_mask > 0) have none')
-        audio = self.check_audio(audio)
-        x = self.encode(audio)
-        n_lms_frames = self.to_spec.num_frames(audio.shape[1])
         pt = self.cfg.patch_size[1]
-        first = torch.arange(x.shape[1], dtype=torch.float64) * pt
-        last = torch.clamp(first + pt - 1, max=n_lms_frames - 1)
-        ts = (first + last) / 2 * self.cfg.hop_size / self.cfg.sample_rate * 1000.0
+        hop_ms = hop_ms if hop_ms is not None else self.cfg.timestamp_hop_ms
+        hop = self._hop_frames(hop_ms) if hop_ms else pt
+        lms = self.to_normalized_spec(audio)
+        T = lms.shape[-1]
+        # Shift s gives the embeddings starting at LMS frames s, s + pt, ...; a too-short tail is
+        # zero-padded to one patch, as encode_lms pads.
+        shifted = [self.encode_lms(F.pad(lms[..., s:], (0, max(0, pt - (T - s))))) for s in range(0, min(pt, T), hop)]
+        n_first = shifted[0].shape[1]
+        x = torch.stack([F.pad(e, (0, 0, 0, n_first - e.shape[1])) for e in shifted], dim=2).flatten(1, 2)
+        starts = (torch.arange(n_first)[:, None] * pt + torch.arange(len(shifted))[None] * hop).flatten()
+        # Flattened (frame, shift) order sorts by start frame; the missing ones (start >= T) are the tail.
+        starts = starts[starts < T].double()
+        x = x[:, :len(starts)]
+        last = torch.clamp(starts + pt - 1, max=T - 1)
+        ts = (starts + last) / 2 * self.cfg.hop_size / self.cfg.sample_rate * 1000.0
         return x, ts.float().to(x.device).expand(x.shape[0], -1).contiguous()
 
     # ----- visualisation helpers ------------------------------------------------------------------
