@@ -1,5 +1,5 @@
-"""Reading audio files as 16 kHz mono float32, the way the published pipeline did
-(librosa.load(sr=16000, mono=True): channel mean, then soxr 'HQ' resampling)."""
+"""Reading audio files as 16 kHz mono float32, bit for bit as the published pipeline did with
+librosa.load(path, sr=16000, mono=True) (librosa 0.10/0.11), without importing librosa."""
 from pathlib import Path
 from typing import Union
 
@@ -11,13 +11,31 @@ AUDIO_SUFFIXES = ('.wav', '.flac', '.ogg')
 
 
 class AudioReadError(RuntimeError):
-    """An audio file could not be read or holds no samples."""
+    """An audio file could not be read, holds no samples, or holds NaN/inf samples."""
+
+
+def resample_like_librosa(wav: np.ndarray, sr: int, sample_rate: int) -> np.ndarray:
+    """Mono float32 [S] at `sr` -> float32 [ceil(S * sample_rate / sr)] at `sample_rate`.
+
+    librosa.resample(res_type='soxr_hq'): soxr 'HQ' on the float32 samples, then trimmed or
+    zero-padded to ceil(S * ratio) samples. The length is computed with the same float expression
+    as librosa (ratio first, then the product) so that it agrees with librosa to the last sample.
+    """
+    if sr == sample_rate:
+        return wav
+    n_samples = int(np.ceil(wav.shape[0] * (float(sample_rate) / sr)))
+    out = soxr.resample(wav, sr, sample_rate, quality='HQ')[:n_samples]
+    if out.shape[0] < n_samples:
+        out = np.pad(out, (0, n_samples - out.shape[0]))
+    return out.astype(np.float32, copy=False)
 
 
 def load_audio(path: Union[str, Path], sample_rate: int = 16000) -> np.ndarray:
-    """Read any soundfile-readable file -> mono float32 [S] at `sample_rate`.
+    """Read any soundfile-readable file -> mono float32 [S] at `sample_rate`, S = ceil(S_file * sample_rate / sr).
 
-    Raises AudioReadError naming the file when it cannot be decoded or is empty.
+    Equal to librosa.load(path, sr=sample_rate, mono=True)[0]: samples decoded as float32, the mean
+    of the channels, soxr 'HQ' resampling. Raises AudioReadError naming the file when it cannot be
+    decoded, is empty, or holds NaN/inf samples (librosa rejects those too).
     """
     try:
         wav, sr = sf.read(str(path), dtype='float32', always_2d=True)
@@ -25,10 +43,10 @@ def load_audio(path: Union[str, Path], sample_rate: int = 16000) -> np.ndarray:
         raise AudioReadError(f'{path}: cannot read audio ({e})') from e
     if wav.shape[0] == 0:
         raise AudioReadError(f'{path}: the file holds no audio samples')
-    wav = wav.mean(axis=1)
-    if sr != sample_rate:
-        wav = soxr.resample(wav, sr, sample_rate, quality='HQ')
-    return np.ascontiguousarray(wav, dtype=np.float32)
+    wav = wav.T.mean(axis=0)  # [C, S] -> [S], the reduction librosa.to_mono does
+    if not np.isfinite(wav).all():
+        raise AudioReadError(f'{path}: the audio holds NaN or inf samples')
+    return np.ascontiguousarray(resample_like_librosa(wav, sr, sample_rate))
 
 
 def find_audio_files(root: Union[str, Path], suffixes: tuple[str, ...] = AUDIO_SUFFIXES) -> list[Path]:
