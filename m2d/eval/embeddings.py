@@ -1,0 +1,186 @@
+"""Clip embeddings: fixed-length clips -> LMS -> normalised -> M2D layer features -> time mean, cached on disk.
+
+The cache key covers the weight file (path, size, mtime), the task metadata (path, size, mtime), the
+clip length and every option that changes the numbers, so a retrained checkpoint or edited task is
+never served stale embeddings.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from m2d.audio_io import load_audio
+from m2d.runtime_audio import RuntimeM2D
+from util.checkpoint import save_npy_atomic
+
+from .tasks import TaskData
+
+CACHE_ENV = 'M2D_EVAL_CACHE'
+DEFAULT_CACHE = Path('work') / 'eval_cache'
+MAX_NORM_CLIPS = 5000  # as EVAR's calculate_norm_stats
+
+
+def parse_size(value: Union[str, Sequence[int], None]) -> Optional[list[int]]:
+    """'80x608' or [80, 608] -> [80, 608]; None stays None."""
+    if value is None or value == '':
+        return None
+    if isinstance(value, str):
+        return [int(v) for v in value.lower().split('x')]
+    return [int(v) for v in value]
+
+
+def make_runtime(weight: Union[str, Path], device: Optional[Union[str, torch.device]] = None, seed: int = 0,
+                 model: str = '', input_size=None, patch_size=None, **settings) -> RuntimeM2D:
+    """RuntimeM2D for a checkpoint path, or for 'random' weights of `model` (seeded) at input_size/patch_size."""
+    weight = str(weight)
+    if weight == 'random':
+        if not (model and input_size):
+            raise ValueError("weight 'random' needs --model and --input_size, e.g. --model m2d_vit_base --input_size 80x608")
+        patch_size = patch_size or [16, 16]
+    elif not Path(weight).is_file():
+        raise FileNotFoundError(f'weight file not found: {weight}')
+    torch.manual_seed(seed)
+    runtime = RuntimeM2D(weight_file=weight, model=model, input_size=parse_size(input_size),
+                         patch_size=parse_size(patch_size), **settings)
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    return runtime.to(device)
+
+
+def check_layers(runtime: RuntimeM2D, output_layers: Sequence[int]) -> list[int]:
+    depth = len(runtime.backbone.blocks)
+    layers = [int(i) for i in output_layers]
+    bad = [i for i in layers if not -depth <= i < depth]
+    if not layers or bad:
+        raise ValueError(f'output_layers {layers}: the model has {depth} blocks; use indices in [-{depth}, {depth - 1}]')
+    return layers
+
+
+def layer_features(runtime: RuntimeM2D, lms: torch.Tensor, output_layers: Sequence[int] = (-1,)) -> torch.Tensor:
+    """Normalised LMS [B, 1, F, T] -> frame features of the chosen blocks, concatenated: [B, T', D' * len(output_layers)].
+
+    [-1] is the final output (after the last norm); other indices are block outputs (see encode_lms).
+    """
+    layers = check_layers(runtime, output_layers)
+    if layers == [-1]:
+        return runtime.encode_lms(lms)
+    per_layer = runtime.encode_lms(lms, return_layers=True)
+    return torch.cat([per_layer[i] for i in layers], dim=-1)
+
+
+def fix_length(wav: torch.Tensor, samples: int, start: int = 0) -> torch.Tensor:
+    """Crop [..., S] to `samples` from `start`, or right-pad it with zeros."""
+    wav = wav[..., start:start + samples]
+    return F.pad(wav, (0, samples - wav.shape[-1]))
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Audio files -> 16 kHz mono clips of exactly `samples` samples (from the start; zero-padded).
+    With labels, items are (clip [samples], label); random_crop picks a random start in longer files."""
+
+    def __init__(self, files: Sequence[Path], samples: int, labels: Optional[np.ndarray] = None,
+                 random_crop: bool = False, sample_rate: int = 16000):
+        self.files, self.samples, self.labels = list(files), samples, labels
+        self.random_crop, self.sample_rate = random_crop, sample_rate
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        wav = torch.from_numpy(load_audio(self.files[index], self.sample_rate))
+        extra = wav.shape[-1] - self.samples
+        start = int(torch.randint(extra + 1, ())) if self.random_crop and extra > 0 else 0
+        clip = fix_length(wav, self.samples, start)
+        return clip if self.labels is None else (clip, torch.as_tensor(self.labels[index]))
+
+
+def clip_loader(files: Sequence[Path], seconds: float, batch_size: int, num_workers: int = 0,
+                sample_rate: int = 16000) -> torch.utils.data.DataLoader:
+    dataset = ClipDataset(files, int(round(seconds * sample_rate)), sample_rate=sample_rate)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def norm_stats(runtime: RuntimeM2D, loader, max_clips: int = MAX_NORM_CLIPS) -> tuple[float, float]:
+    """Mean and std of all LMS values of (up to max_clips) clips: the dataset normalisation stats."""
+    total = total_sq = count = 0.0
+    seen = 0
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc='norm stats', leave=False):
+            batch = batch[0] if isinstance(batch, (list, tuple)) else batch
+            lms = runtime.to_feature(batch).double()
+            total, total_sq, count = total + lms.sum().item(), total_sq + (lms ** 2).sum().item(), count + lms.numel()
+            seen += len(batch)
+            if seen >= max_clips:
+                break
+    mean = total / count
+    return mean, float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))
+
+
+def normalize(runtime: RuntimeM2D, lms: torch.Tensor, stats: Optional[tuple[float, float]]) -> torch.Tensor:
+    """Dataset stats (mean, std) when given, else the batch's own (RuntimeM2D.normalize_batch)."""
+    if stats is None:
+        return runtime.normalize_batch(lms)
+    return (lms - stats[0]) / (stats[1] + torch.finfo(torch.float32).eps)
+
+
+def extract(runtime: RuntimeM2D, loader, output_layers: Sequence[int] = (-1,),
+            stats: Optional[tuple[float, float]] = None, desc: str = 'embeddings') -> np.ndarray:
+    """Clips -> clip embeddings [N, D' * len(output_layers)] (time mean of layer_features)."""
+    runtime.eval()
+    out = []
+    for batch in tqdm(loader, desc=desc, leave=False):
+        lms = normalize(runtime, runtime.to_feature(batch), stats)
+        out.append(layer_features(runtime, lms, output_layers).mean(dim=1).cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def _file_id(path: Union[str, Path]) -> list:
+    path = Path(path).resolve()
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def cache_key(weight: str, task: TaskData, options: dict) -> str:
+    weight_id = ['random'] if str(weight) == 'random' else _file_id(weight)
+    ident = dict(weight=weight_id, metadata=_file_id(task.spec.metadata), audio_root=str(task.spec.audio_root.resolve()),
+                 seconds=task.spec.seconds, **options)
+    return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def task_embeddings(weight: Union[str, Path], task: TaskData, output_layers: Sequence[int] = (-1,),
+                    dataset_norm: bool = True, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+                    device: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None,
+                    runtime_settings: Optional[dict] = None) -> tuple[np.ndarray, bool]:
+    """Embeddings [N, D'] of every clip of a task (metadata order) and whether they came from the cache.
+
+    dataset_norm: normalise LMS with the mean/std of the training clips (EVAR's way; all clips for fold
+    tasks), else each batch with its own stats (RuntimeM2D.encode's way, which depends on batch_size).
+    cache_dir: default $M2D_EVAL_CACHE or work/eval_cache; '' disables the cache.
+    """
+    runtime_settings = dict(runtime_settings or {})
+    options = dict(output_layers=[int(i) for i in output_layers], dataset_norm=dataset_norm,
+                   batch_size=None if dataset_norm else batch_size, **runtime_settings)
+    if str(weight) == 'random':
+        options['seed'] = seed
+    cache_dir = os.environ.get(CACHE_ENV, DEFAULT_CACHE) if cache_dir is None else cache_dir
+    path = Path(cache_dir) / f'{task.spec.name}-{cache_key(str(weight), task, options)}.npy' if cache_dir else None
+    if path is not None and path.is_file():
+        emb = np.load(path)
+        if len(emb) == len(task.files):
+            return emb, True
+    runtime = make_runtime(weight, device=device, seed=seed, **runtime_settings)
+    check_layers(runtime, output_layers)
+    stats = None
+    if dataset_norm:
+        stat_files = task.files if task.split is None else [f for f, s in zip(task.files, task.split) if s == 'train']
+        stats = norm_stats(runtime, clip_loader(stat_files, task.spec.seconds, batch_size, num_workers))
+    emb = extract(runtime, clip_loader(task.files, task.spec.seconds, batch_size, num_workers), output_layers, stats,
+                  desc=f'{task.spec.name} embeddings')
+    if path is not None:
+        save_npy_atomic(emb, path)
+    return emb, False
