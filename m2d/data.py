@@ -1,0 +1,138 @@
+"""Pre-training data: log-mel spectrogram (LMS) .npy files listed in a CSV.
+
+The CSV has a `file_name` column with paths relative to the data folder; each file holds float32
+(1, F, T). An item is a random crop of `crop_frames` frames (right zero-padded in log space when the
+file is shorter), normalised with dataset statistics: (x - mean) / std.
+"""
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+PathLike = Union[str, Path]
+NORM_STATS_CROPS = 10_000  # crops drawn to estimate the normalisation statistics
+EPS = float(np.finfo(np.float32).eps)
+
+
+def read_file_list(csv_path: PathLike) -> list[str]:
+    """The sorted `file_name` column of a CSV (paths relative to the data folder)."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f'dataset CSV not found: {csv_path}. Give the file list with --dataset; it needs a '
+                                "'file_name' column of .npy paths relative to --data_path (see README, Pre-training)")
+    df = pd.read_csv(csv_path)
+    if 'file_name' not in df.columns:
+        raise ValueError(f"{csv_path} has no 'file_name' column (columns: {list(df.columns)}); the first line "
+                         "must be the header 'file_name', then one .npy path per line, relative to --data_path")
+    files = sorted(str(f) for f in df['file_name'].dropna())
+    if not files:
+        raise ValueError(f'{csv_path} lists no files')
+    return files
+
+
+def _file_problem(path: Path, n_mels: int) -> Optional[str]:
+    """Why `path` is not a usable (1, n_mels, T) float .npy, or None. Memory-maps the file, which
+    reads only the header and catches truncated data too."""
+    try:
+        lms = np.load(path, mmap_mode='r')
+    except FileNotFoundError:
+        return 'missing'
+    except Exception as e:  # a truncated or non-npy file
+        return f'unreadable ({type(e).__name__}: {e})'
+    if lms.ndim != 3 or lms.shape[:2] != (1, n_mels) or lms.shape[2] < 1:
+        return f'shape {lms.shape}, expected (1, {n_mels}, T)'
+    if lms.dtype.kind != 'f':
+        return f'dtype {lms.dtype}, expected float'
+    return None
+
+
+def check_files(files: Sequence[str], data_path: PathLike, n_mels: int, skip_missing: bool = False,
+                workers: int = 16) -> list[str]:
+    """Verify that every listed file exists and is a (1, n_mels, T) float array, before training.
+
+    Bad files raise a ValueError naming the first few and the count; with skip_missing they are
+    dropped with a warning instead. Returns the usable files.
+    """
+    root = Path(data_path)
+    with ThreadPoolExecutor(workers) as pool:  # file opens are I/O bound; threads hide the latency
+        problems = list(pool.map(lambda f: _file_problem(root / f, n_mels), files))
+    bad = [(f, p) for f, p in zip(files, problems) if p]
+    if not bad:
+        return list(files)
+    listing = '\n'.join(f'  {root / f}: {p}' for f, p in bad[:5]) + ('\n  ...' if len(bad) > 5 else '')
+    summary = f'{len(bad)} of {len(files)} files listed in the dataset CSV are missing or corrupt:\n{listing}'
+    if not skip_missing:
+        raise ValueError(f'{summary}\nFix the files or the CSV, or pass --skip_missing to train without them.')
+    kept = [f for f, p in zip(files, problems) if not p]
+    if not kept:
+        raise ValueError(f'{summary}\nNo usable files remain.')
+    print(f'WARNING: skipping {summary}')
+    return kept
+
+
+def crop_or_pad(lms: np.ndarray, start: int, crop_frames: int) -> np.ndarray:
+    """(1, F, T) -> (1, F, crop_frames) from `start`; shorter inputs are right-padded with zeros."""
+    x = np.array(lms[..., start:start + crop_frames], dtype=np.float32)  # a copy: mmap slices are read-only
+    if x.shape[-1] < crop_frames:
+        x = np.pad(x, ((0, 0), (0, 0), (0, crop_frames - x.shape[-1])))
+    return x
+
+
+def compute_norm_stats(files: Sequence[str], data_path: PathLike, crop_frames: int,
+                       n_crops: int = NORM_STATS_CROPS, seed: int = 0) -> tuple[float, float, int]:
+    """Mean and std (+eps) over up to n_crops random unnormalised crops (one per drawn file).
+
+    Draws from its own generator, so it does not move the training RNG. -> (mean, std, crops used).
+    """
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(files), size=min(n_crops, len(files)), replace=False)
+    total = total_sq = count = 0.0
+    for i in picks:
+        lms = np.load(Path(data_path) / files[i], mmap_mode='r')
+        excess = lms.shape[-1] - crop_frames
+        x = crop_or_pad(lms, int(rng.integers(excess)) if excess > 0 else 0, crop_frames).astype(np.float64)
+        total, total_sq, count = total + x.sum(), total_sq + (x * x).sum(), count + x.size
+    mean = total / count
+    std = max(total_sq / count - mean * mean, 0.0) ** 0.5
+    return float(mean), float(std + EPS), len(picks)
+
+
+class SpectrogramDataset(Dataset):
+    """Random crops of LMS files -> normalised tensors [1, F, crop_frames].
+
+    Files are memory-mapped, so only the cropped frames are read. The crop start is drawn from
+    torch's RNG (seeded per DataLoader worker), which keeps runs reproducible under a fixed seed.
+    """
+
+    def __init__(self, files: Sequence[str], data_path: PathLike, crop_frames: int,
+                 norm_stats: tuple[float, float]):
+        self.files = list(files)
+        self.data_path = Path(data_path)
+        self.crop_frames = crop_frames
+        self.mean, self.std = (float(v) for v in norm_stats)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        lms = np.load(self.data_path / self.files[index], mmap_mode='r')
+        excess = lms.shape[-1] - self.crop_frames
+        start = int(torch.randint(excess, ())) if excess > 0 else 0
+        x = torch.from_numpy(crop_or_pad(lms, start, self.crop_frames))
+        return (x - self.mean) / self.std
+
+
+def load_vis_samples(folder: PathLike, crop_frames: int, norm_stats: tuple[float, float],
+                     max_samples: int = 4) -> tuple[list[str], Optional[torch.Tensor]]:
+    """The first frames of up to max_samples `folder/*.npy` files, normalised: (names, [B, 1, F, crop])."""
+    paths = sorted(Path(folder).glob('*.npy'))[:max_samples]
+    if not paths:
+        return [], None
+    mean, std = norm_stats
+    arrays = [np.load(p, mmap_mode='r') for p in paths]
+    x = np.stack([crop_or_pad(a.reshape(1, -1, a.shape[-1]), 0, crop_frames) for a in arrays])  # (F, T) too
+    return [p.stem for p in paths], (torch.from_numpy(x) - mean) / std

@@ -1,0 +1,461 @@
+"""Pre-training driver behind train_audio.py (M2D) and mae_train_audio.py (MSM-MAE).
+
+    python train_audio.py --dataset data/files_audioset.csv            # one process
+    torchrun --nproc_per_node 4 train_audio.py --dataset ...           # DDP, 4 GPUs
+
+A run writes to one folder (named `{model}-{F}x{T}p{pf}x{pt}-{YYMMDD}-mr{ratio}` unless --output_dir
+is given): checkpoint-{epoch}.pth, log.txt (a JSON line per epoch), console.txt (a copy of stdout),
+TensorBoard events, vis-{epoch}.png, and the logs of the evaluation scripts it starts.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, TextIO
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.optim import param_groups_weight_decay
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
+
+from util import dist as distutil
+from util.checkpoint import load_checkpoint, save_atomic
+from util.schedules import scaled_lr
+
+from .data import SpectrogramDataset, check_files, compute_norm_stats, load_vis_samples, read_file_list
+from .engine_pretrain import NonFiniteLossError, Precision, Schedule, train_one_epoch
+from .models_mae import MODELS, MaskedAutoencoderViT, create_model
+from .runtime_audio import extract_state_dict, load_state_strict
+from .visualize import save_mask_figure
+
+
+class UsageError(ValueError):
+    """Bad arguments or data: reported as a one-line error, without a traceback."""
+
+
+# ----- arguments -------------------------------------------------------------------------------------
+
+def parse_size(text: str) -> list[int]:
+    """'80x208' -> [80, 208]; '16' -> [16, 16]."""
+    try:
+        values = [int(v) for v in str(text).lower().split('x')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a size like 80x208, got {text!r}') from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f'expected a size like 80x208, got {text!r}')
+    return values
+
+
+def parse_numbers(text: str, kind: type = float) -> list:
+    """'[-7.1, 4.2]', '-7.1,4.2' or '-7.1 4.2' -> [-7.1, 4.2]; '' -> []."""
+    parts = str(text).strip().strip('[]()').replace(',', ' ').split()
+    try:
+        return [kind(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a list of numbers like "[-7.1, 4.2]", got {text!r}') from None
+
+
+def parse_norm_stats(text: str) -> list[float]:
+    values = parse_numbers(text)
+    if len(values) != 2 or values[1] <= 0:
+        raise argparse.ArgumentTypeError(f'--norm_stats needs [mean, std] with std > 0, got {text!r}')
+    return values
+
+
+def get_args_parser(mae: bool = False) -> argparse.ArgumentParser:
+    """The train_audio.py flags (published names and defaults); mae=True: mae_train_audio.py (MSM-MAE)."""
+    p = argparse.ArgumentParser('MSM-MAE pre-training' if mae else 'M2D pre-training', add_help=True)
+    p.add_argument('--batch_size', default=512, type=int, help='batch size per process (GPU)')
+    p.add_argument('--epochs', default=300, type=int)
+    p.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps per update')
+    p.add_argument('--eval_after', default=100, type=int, help='run quick_eval.sh on checkpoints from this epoch on')
+    p.add_argument('--save_freq', default=100, type=int, help='save a checkpoint every N epochs (and at the end)')
+    p.add_argument('--stop_at', default=-1, type=int, help='stop after this epoch, keeping the --epochs schedules')
+    p.add_argument('--print_freq', default=20, type=int, help='progress line every N steps')
+    # Model.
+    p.add_argument('--model', default='msm_mae_vit_base' if mae else 'm2d_vit_base', choices=sorted(MODELS))
+    p.add_argument('--depth', default=None, type=int, help='encoder depth (default 12; small for demos)')
+    p.add_argument('--decoder_depth', default=4 if mae else 8, type=int)
+    p.add_argument('--input_size', default=[80, 208], type=parse_size, help='F x T of a training crop')
+    p.add_argument('--patch_size', default=[16, 16], type=parse_size)
+    p.add_argument('--mask_ratio', default=0.75 if mae else 0.7, type=float)
+    if mae:
+        p.add_argument('--norm_pix_loss', action='store_true', help='per-patch normalised pixels as targets')
+    else:
+        p.add_argument('--no_norm_pix_loss', action='store_false', dest='norm_pix_loss',
+                       help='do not standardise the target representations')
+        p.add_argument('--ema_decay_init', default=0.99995, type=float)
+        p.add_argument('--ema_decay', default=0.99999, type=float)
+        p.add_argument('--loss_fn', default='norm_mse', choices=['norm_mse', 'mse'])
+        p.add_argument('--target_layers', default=[], type=lambda s: parse_numbers(s, int),
+                       help="average these target blocks' outputs, e.g. '[8,9,10,11]' ('' = last block)")
+    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    # Optimizer.
+    p.add_argument('--optim', default='adamw', choices=['adamw', 'sgd'])
+    p.add_argument('--weight_decay', default=0.05, type=float)
+    p.add_argument('--clip_grad', default=3.0, type=float, help='gradient-norm clipping (0 = off)')
+    p.add_argument('--lr', default=None, type=float, help='absolute lr (default: blr * effective batch / 256)')
+    p.add_argument('--blr', default=3e-4, type=float, help='base lr for an effective batch of 256')
+    p.add_argument('--min_lr', default=0.0, type=float)
+    p.add_argument('--warmup_epochs', default=20, type=float)
+    # Data.
+    p.add_argument('--data_path', default='data', type=str, help='folder the CSV paths are relative to')
+    p.add_argument('--dataset', default='data/files_audioset.csv', type=str, help="CSV with a 'file_name' column")
+    p.add_argument('--norm_stats', default=None, type=parse_norm_stats,
+                   help='[mean, std] of the LMS (default: measured on 10,000 random crops at start)')
+    p.add_argument('--skip_missing', action='store_true', help='drop missing or corrupt files instead of failing')
+    p.add_argument('--num_workers', default=10, type=int)
+    p.add_argument('--pin_mem', action='store_true', help='pin CPU memory in the DataLoader (default)')
+    p.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+    p.set_defaults(pin_mem=True)
+    # Run.
+    p.add_argument('--output_dir', default='', type=str, help='run folder (default: named after the settings)')
+    p.add_argument('--log_dir', default='', type=str, help='TensorBoard folder (default: the run folder)')
+    p.add_argument('--device', default='cuda', type=str, help="'cuda' or 'cpu'")
+    p.add_argument('--seed', default=0, type=int)
+    p.add_argument('--resume', default='', type=str, help='checkpoint to continue from')
+    p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set from the checkpoint on --resume)')
+    p.add_argument('--eval_scripts', default='', type=str,
+                   help='folder of quick_eval.sh / all_eval.sh (default: the folder of the training script)')
+    # Distributed (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; these are kept for compatibility).
+    p.add_argument('--world_size', default=1, type=int, help='set by torchrun (WORLD_SIZE)')
+    p.add_argument('--local_rank', '--local-rank', default=-1, type=int, help='set by torchrun (LOCAL_RANK)')
+    p.add_argument('--dist_url', default='env://', help='process-group rendezvous')
+    return p
+
+
+def is_m2d(model_name: str) -> bool:
+    return model_name.startswith('m2d')
+
+
+def short_conf(args: argparse.Namespace) -> str:
+    """'mr7' for mask ratio 0.7, 'mr75' for 0.75 (the published folder suffix)."""
+    return 'mr' + f'{args.mask_ratio:g}'.split('.')[-1]
+
+
+def run_name(args: argparse.Namespace, date: Optional[datetime.date] = None) -> str:
+    """e.g. m2d_vit_base-80x608p16x16-220930-mr7; RuntimeM2D reads the model and sizes back from it."""
+    (F, T), (pf, pt) = args.input_size, args.patch_size
+    date = date or datetime.date.today()
+    return f'{args.model}-{F}x{T}p{pf}x{pt}-{date:%y%m%d}-{short_conf(args)}'
+
+
+def unused_folder(name: str) -> Path:
+    """`name`, or `name-2`, `name-3`, ... if a run already saved checkpoints there."""
+    path, n = Path(name), 1
+    while any(path.glob('checkpoint-*.pth')):
+        n += 1
+        path = Path(f'{name}-{n}')
+    return path
+
+
+# ----- console copy, RNG state, evaluation hooks ---------------------------------------------------
+
+class _Tee:
+    def __init__(self, *streams: TextIO):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
+
+
+@contextlib.contextmanager
+def tee_stdout(path: Optional[Path]) -> Iterator[None]:
+    """Copy stdout into `path` (appending) while the block runs; no-op for None."""
+    if path is None:
+        yield
+        return
+    with open(path, 'a', buffering=1) as f:
+        saved = sys.stdout
+        sys.stdout = _Tee(saved, f)
+        try:
+            yield
+        finally:
+            sys.stdout = saved
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch / CUDA / numpy / python RNG states, as checkpoint-safe (weights-only) types."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'numpy': (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            'python': random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def start_eval_script(script: Path, checkpoint: Path, log_path: Path, wait: bool,
+                      print_fn: Callable[[str], None]) -> Optional[subprocess.Popen]:
+    """`bash script <abs checkpoint>` with M2D_PYTHON set to this interpreter, output to log_path.
+
+    wait=False runs it in the background; wait=True streams its output to the console and waits.
+    A missing script is reported and skipped.
+    """
+    if not script.is_file():
+        print_fn(f'{script.name} not found in {script.parent}: skipping it for {checkpoint.name} '
+                 f'(add the script, or point --eval_scripts at its folder)')
+        return None
+    cmd = ['bash', str(script), str(checkpoint.resolve())]
+    env = {**os.environ, 'M2D_PYTHON': sys.executable}
+    print_fn(f'Running {" ".join(cmd)} ({"waiting" if wait else "in the background"}; output: {log_path})')
+    if not wait:
+        with open(log_path, 'ab') as log:
+            return subprocess.Popen(cmd, cwd=script.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, 'a') as log:
+        proc = subprocess.Popen(cmd, cwd=script.parent, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            print_fn(line.rstrip('\n'))
+            log.write(line)
+        proc.wait()
+    print_fn(f'{script.name} finished with exit status {proc.returncode}')
+    return proc
+
+
+# ----- setup ---------------------------------------------------------------------------------------
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    device = torch.device(name)
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UsageError('--device cuda was requested but CUDA is not available here; '
+                             'pass --device cpu to train on the CPU')
+        return torch.device('cuda', local_rank)
+    return device
+
+
+def build_model(args: argparse.Namespace) -> MaskedAutoencoderViT:
+    kwargs = dict(img_size=args.input_size, patch_size=args.patch_size, decoder_depth=args.decoder_depth,
+                  norm_pix_loss=args.norm_pix_loss)
+    if args.depth:
+        kwargs['depth'] = args.depth
+    if is_m2d(args.model):
+        kwargs.update(loss_type=getattr(args, 'loss_fn', 'norm_mse'), target_layers=getattr(args, 'target_layers', []))
+    F, T = args.input_size
+    pf, pt = args.patch_size
+    if F % pf or T % pt:
+        raise UsageError(f'--input_size {F}x{T} must be a multiple of --patch_size {pf}x{pt}')
+    return create_model(args.model, **kwargs)
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.95) or SGD; no weight decay on biases and 1-D parameters (timm's rule)."""
+    groups = param_groups_weight_decay(model, args.weight_decay)
+    if args.optim == 'sgd':
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == 'cuda')
+
+
+def prepare_data(args: argparse.Namespace, info: distutil.DistInfo, print_fn: Callable[[str], None]
+                 ) -> tuple[list[str], list[float]]:
+    """Check the listed files and settle the normalisation stats (on rank 0; shared with all ranks)."""
+    files, stats = None, args.norm_stats
+    if info.is_main:
+        files = check_files(read_file_list(args.dataset), args.data_path, args.input_size[0], args.skip_missing)
+        print_fn(f'Dataset: {len(files)} files from {args.dataset} (data folder {args.data_path})')
+        if stats is None:
+            mean, std, n = compute_norm_stats(files, args.data_path, args.input_size[1], seed=args.seed)
+            stats = [mean, std]
+            print_fn(f'Normalisation stats from {n} random crops{" (all files: fewer than 10,000)" if n < 10_000 else ""}: '
+                     f'mean {mean:.4f}, std {std:.4f} (pass --norm_stats "[{mean:.4f}, {std:.4f}]" to reuse)')
+        else:
+            print_fn(f'Normalisation stats: mean {stats[0]}, std {stats[1]}')
+    return distutil.broadcast_object(files), distutil.broadcast_object(stats)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    model: nn.Module
+    last_checkpoint: Optional[Path] = None
+    eval_processes: list = field(default_factory=list)
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, args, rng_states) -> Path:
+    """checkpoint-N.pth: model (full state dict, EMA target included), optimizer, epoch (= epochs done;
+    the sampler epoch follows from it), scaler, args, and every rank's RNG states for an exact resume."""
+    return save_atomic({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+                        'scaler': scaler.state_dict(), 'args': args, 'rng': rng_states}, path)
+
+
+# ----- main ----------------------------------------------------------------------------------------
+
+def main(args: argparse.Namespace, script_dir: Optional[Path] = None) -> RunResult:
+    """Pre-train as args say. script_dir: where quick_eval.sh / all_eval.sh live (unless --eval_scripts).
+
+    Raises UsageError for bad arguments or data, NonFiniteLossError if the loss diverges.
+    """
+    info = distutil.init_distributed(args.device, args.dist_url)
+    try:
+        return _main(args, info, Path(args.eval_scripts or script_dir or Path.cwd()))
+    finally:
+        distutil.cleanup()
+
+
+def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> RunResult:
+    device = resolve_device(args.device, info.local_rank)
+    args.world_size = info.world_size
+    print_fn = print if info.is_main else (lambda *_: None)
+    checkpoint = None
+    if args.resume:
+        try:
+            checkpoint = load_checkpoint(args.resume)
+        except FileNotFoundError as e:
+            raise UsageError(f'--resume: {e}') from None
+        saved = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+        if args.norm_stats is None and getattr(saved, 'norm_stats', None):
+            args.norm_stats = list(saved.norm_stats)  # the same normalisation as before the stop
+    if not args.output_dir:
+        name = Path(args.resume).parent if args.resume else unused_folder(run_name(args))
+        args.output_dir = str(distutil.broadcast_object(name))
+    out = Path(args.output_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    with tee_stdout(out / 'console.txt' if info.is_main else None):
+        print_fn(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {" ".join(sys.argv)}')
+        try:
+            files, args.norm_stats = prepare_data(args, info, print_fn)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(str(e)) from None
+        try:
+            result = _train(args, info, device, out, files, checkpoint, eval_dir, print_fn)
+        except NonFiniteLossError as e:
+            print_fn(f'ERROR: {e}')
+            raise
+        print_fn(f'Done; outputs in {out}')
+        return result
+
+
+def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> RunResult:
+    # The same initial weights on every rank (DDP broadcasts them anyway); then per-rank streams.
+    seed_everything(args.seed)
+    raw_model = build_model(args).to(device)
+    seed_everything(args.seed + info.rank)
+
+    dataset = SpectrogramDataset(files, args.data_path, args.input_size[1], args.norm_stats)
+    # A seeded per-epoch shuffle (set_epoch) for one process too: the order depends only on seed and epoch.
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True)
+    if len(loader) == 0:
+        raise UsageError(f'{len(dataset)} files are too few for one batch of {args.batch_size} per process '
+                         f'x {info.world_size} processes; lower --batch_size')
+
+    eff_batch = args.batch_size * args.accum_iter * info.world_size
+    args.eff_batch_size = eff_batch
+    if args.lr is None:
+        args.lr = scaled_lr(args.blr, eff_batch)
+    print_fn(f'Effective batch {eff_batch} = {args.batch_size} per process x {args.accum_iter} accumulation '
+             f'x {info.world_size} processes; lr {args.lr:.3e} (blr {args.blr:.3e} x {eff_batch} / 256)')
+
+    precision = Precision.for_device(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    optimizer = build_optimizer(args, raw_model, device)
+    start_epoch = args.start_epoch
+    if checkpoint is not None:
+        load_state_strict(raw_model, extract_state_dict(checkpoint, args.resume), f'{args.model} {args.input_size}')
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        if checkpoint.get('scaler'):
+            scaler.load_state_dict(checkpoint['scaler'])
+        start_epoch = int(checkpoint['epoch'])
+        states = checkpoint.get('rng') or []
+        if len(states) == info.world_size:
+            set_rng_state(states[info.rank])
+        else:
+            print_fn(f'Note: RNG states not restored (saved by {len(states)} processes, now {info.world_size})')
+        print_fn(f'Resumed from {args.resume}: {start_epoch} epochs done')
+
+    model = raw_model
+    if info.distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.compile:
+        model = torch.compile(model)
+    print_fn(f'Model {args.model}: {sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M '
+             f'trainable parameters; precision {precision.dtype or torch.float32}; device {device}')
+    print_fn(f'Arguments: {json.dumps(vars(args), default=str)}')
+
+    schedule = Schedule(args.lr, args.min_lr, args.warmup_epochs, args.epochs, len(loader),
+                        getattr(args, 'ema_decay_init', 0.0), getattr(args, 'ema_decay', 0.0))
+    writer = SummaryWriter(args.log_dir or str(out)) if info.is_main else None
+    vis_names, vis_lms = load_vis_samples(Path(args.data_path) / 'vis_samples', args.input_size[1], args.norm_stats)
+    result = RunResult(out, raw_model)
+    last_epoch = args.epochs if args.stop_at <= 0 else min(args.stop_at, args.epochs)
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            sampler.set_epoch(epoch)
+            stats = train_one_epoch(model, raw_model, loader, optimizer, scaler, precision, schedule, epoch, device,
+                                    args.mask_ratio, args.accum_iter, args.clip_grad, args.print_freq,
+                                    info.world_size, writer, print_fn)
+            done = epoch + 1
+            if info.is_main:
+                with open(out / 'log.txt', 'a') as f:
+                    f.write(json.dumps({'epoch': done, **{f'train_{k}': v for k, v in stats.items()}}) + '\n')
+            if done % args.save_freq == 0 or done == last_epoch:
+                rng_states = distutil.all_gather_objects(rng_state())
+                if info.is_main:
+                    path = save_checkpoint(out / f'checkpoint-{done}.pth', raw_model, optimizer, scaler, done,
+                                           args, rng_states)
+                    result.last_checkpoint = path
+                    print_fn(f'Saved {path}')
+                    if vis_lms is not None:
+                        save_mask_figure(raw_model, vis_lms, vis_names, args.mask_ratio, out / f'vis-{done}.png',
+                                         seed=args.seed)
+                    if done >= args.eval_after:
+                        proc = start_eval_script(eval_dir / 'quick_eval.sh', path, out / f'quick_eval-{done}.log',
+                                                 False, print_fn)
+                        result.eval_processes += [proc] if proc else []
+                distutil.barrier()
+    finally:
+        if writer is not None:
+            writer.close()
+    if info.is_main and result.last_checkpoint is not None:
+        start_eval_script(eval_dir / 'all_eval.sh', result.last_checkpoint, out / 'all_eval.log', True, print_fn)
+    return result
+
+
+def cli(mae: bool = False, script_dir: Optional[Path] = None, argv: Optional[list[str]] = None) -> int:
+    """Entry point of train_audio.py / mae_train_audio.py: parse, train, and turn known failures into
+    a message and an exit status (2: bad arguments or data, 1: non-finite loss)."""
+    args = get_args_parser(mae).parse_args(argv)
+    try:
+        main(args, script_dir)
+    except UsageError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,8 @@
+"""Pre-train MSM-MAE on log-mel spectrogram files: python mae_train_audio.py --help (see README, Pre-training)."""
+import sys
+from pathlib import Path
+
+from m2d.pretrain import cli
+
+if __name__ == '__main__':
+    sys.exit(cli(mae=True, script_dir=Path(__file__).resolve().parent))
