@@ -106,6 +106,20 @@ def extract_state_dict(checkpoint: Any, path: Union[str, Path]) -> dict[str, tor
     return state
 
 
+def _size_pair(size: Union[int, str, list, tuple]) -> list[int]:
+    """16 / '80x608' / [80, 608] -> [int, int]."""
+    if isinstance(size, int):
+        return [size, size]
+    parts = size.lower().split('x') if isinstance(size, str) else list(size)
+    try:
+        pair = [int(v) for v in parts]
+    except (TypeError, ValueError):
+        pair = []
+    if len(pair) != 2:
+        raise ValueError(f'a size must be [height, width] or "HxW" (e.g. [80, 608] or "80x608"), got {size!r}')
+    return pair
+
+
 def _count_blocks(state: dict, prefix: str) -> int:
     indices = {int(k.split('.')[1]) for k in state if k.startswith(prefix + '.')}
     return max(indices) + 1 if indices else 0
@@ -136,17 +150,20 @@ def build_backbone(cfg: Config) -> MaskedAutoencoderViT:
     cfg.encoder_only) gives an encoder-only model.
     """
     path = Path(cfg.weight_file)
+    random_weights = path.name.endswith('random')
+    # Read the checkpoint first, so that a wrong path reports "not found" rather than a naming problem.
+    state = None if random_weights else extract_state_dict(load_checkpoint(path), path)
     if not (cfg.model and cfg.input_size and cfg.patch_size):
-        input_size, patch_size, model = parse_sizes_by_name(path.parent.name)
+        # The folder name, or for random weights also the name itself ('m2d_vit_base-80x608p16x16-random').
+        name = path.name if random_weights and _FOLDER_NAME.match(path.name) else path.parent.name
+        input_size, patch_size, model = parse_sizes_by_name(name)
         cfg.model, cfg.input_size, cfg.patch_size = (cfg.model or model, cfg.input_size or input_size,
                                                      cfg.patch_size or patch_size)
-    cfg.input_size, cfg.patch_size = [int(v) for v in cfg.input_size], [int(v) for v in cfg.patch_size]
+    cfg.input_size, cfg.patch_size = _size_pair(cfg.input_size), _size_pair(cfg.patch_size)
     kwargs = dict(img_size=cfg.input_size, patch_size=cfg.patch_size)
-    state = None
-    if path.name.endswith('random'):
+    if random_weights:
         log.warning('Random weights: %s', path)
     else:
-        state = extract_state_dict(load_checkpoint(path), path)
         if cfg.encoder_only:
             state = {k: v for k, v in state.items() if not k.startswith(_NON_ENCODER_PREFIXES)}
         kwargs['depth'] = _count_blocks(state, 'blocks')
@@ -269,7 +286,7 @@ class RuntimeM2D(nn.Module):
     def normalize_batch(self, x: torch.Tensor, return_stats: bool = False):
         """(x - mean) / std over the whole batch; with return_stats also (mean, std)."""
         mu, sigma = x.mean(), x.std()
-        if not sigma > 0:  # digital silence: every LMS value is log(eps)
+        if not sigma > 1e-5:  # digital silence: every LMS value is log(eps) (std is only rounding noise)
             raise ValueError('cannot normalise a batch of constant spectrograms (digital silence?); normalise '
                              'with dataset statistics instead: (runtime.to_feature(audio) - mean) / std')
         x = (x - mu) / sigma
