@@ -1,0 +1,146 @@
+"""python -m m2d.eval {lineareval,finetune,summary,suite,make_demo} ...
+
+    python -m m2d.eval lineareval CHECKPOINT demo             # the built-in demo task
+    python -m m2d.eval lineareval CHECKPOINT cremad           # EVAR data below $M2D_EVAL_DATA
+    python -m m2d.eval lineareval CHECKPOINT my/meta.csv --audio_root my/wavs --duration 5
+    python -m m2d.eval finetune CHECKPOINT esc50 --lr 0.5 --freq_mask 0 --time_mask 0 --training_mask 0.5 --mixup 0.0 --rrc True
+    python -m m2d.eval suite CHECKPOINT --config quick
+    python -m m2d.eval summary [results/scores.csv]
+"""
+import argparse
+import sys
+
+from m2d.audio_io import AudioReadError
+
+from .finetune import FinetuneConfig, finetune
+from .linear_probe import ProbeConfig
+from .lineareval import linear_evaluation
+from .results import DEFAULT_RESULTS, write_summary
+from .suite import SUITES, run_suite
+from .tasks import DEMO_DIR, TaskError
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in ('true', '1', 'yes', 'on'):
+        return True
+    if value.lower() in ('false', '0', 'no', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected True or False, got {value!r}')
+
+
+def add_common(p: argparse.ArgumentParser, suite: bool = False) -> None:
+    """Options shared by lineareval, finetune and suite: weight, data location, model settings."""
+    p.add_argument('weight', help="checkpoint path, or 'random' (with --model and --input_size)")
+    if not suite:
+        p.add_argument('task', help='demo, an EVAR task name (esc50, us8k, spcv2, vc1, voxforge, cremad, gtzan, '
+                                    'nsynth, surge, ...) or a metadata CSV path')
+        p.add_argument('--audio_root', help='audio folder of a CSV task (default: CSV folder/audio, or the folder)')
+        p.add_argument('--duration', type=float, help='seconds per clip (crop/pad); default: the task\'s')
+    p.add_argument('--data_root', help='EVAR data root holding evar/metadata/ and work/16k/ (default $M2D_EVAL_DATA)')
+    p.add_argument('--results', default=str(DEFAULT_RESULTS), help='results CSV to append to')
+    p.add_argument('--batch_size', type=int, help='clips per batch')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--num_workers', type=int, default=0, help='audio-loading worker processes')
+    p.add_argument('--device', help='cuda or cpu (default: cuda when available)')
+    p.add_argument('--model', default='', help='model name when the folder name does not tell it (e.g. m2d_vit_base)')
+    p.add_argument('--input_size', help='FxT, e.g. 80x608, when the folder name does not tell it')
+    p.add_argument('--patch_size', help='pfxpt, e.g. 16x16')
+    p.add_argument('--cls_token', action='store_true', help='prepend the [CLS] output to every frame feature')
+
+
+def runtime_settings(args) -> dict:
+    out = dict(model=args.model, input_size=args.input_size, patch_size=args.patch_size)
+    if args.cls_token:
+        out['cls_token'] = True
+    return out
+
+
+def add_probe(p: argparse.ArgumentParser) -> None:
+    d = ProbeConfig()
+    p.add_argument('--output_layers', type=int, nargs='+', default=[-1],
+                   help='blocks whose features are concatenated (-1: final output); e.g. --output_layers -1 -2')
+    p.add_argument('--dataset_norm', action=argparse.BooleanOptionalAction, default=True,
+                   help='normalise LMS with training-set stats as EVAR does (--no-dataset_norm: per batch)')
+    p.add_argument('--lr', type=float, default=d.lr, help='linear probe learning rate (Adam)')
+    p.add_argument('--epochs', type=int, default=d.epochs, help='linear probe epochs at most')
+    p.add_argument('--patience', type=int, default=d.patience, help='early stopping patience (epochs on valid)')
+    p.add_argument('--cache_dir', help='embedding cache (default $M2D_EVAL_CACHE or work/eval_cache; "" disables)')
+
+
+def probe_kwargs(args) -> dict:
+    return dict(output_layers=args.output_layers, dataset_norm=args.dataset_norm, batch_size=args.batch_size or 64,
+                seed=args.seed, results=args.results, num_workers=args.num_workers, device=args.device,
+                cache_dir=args.cache_dir, probe=ProbeConfig(lr=args.lr, epochs=args.epochs, patience=args.patience,
+                                                            seed=args.seed),
+                **runtime_settings(args))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog='python -m m2d.eval', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('lineareval', help='linear evaluation of a checkpoint on one task')
+    add_common(p)
+    add_probe(p)
+
+    p = sub.add_parser('finetune', help='fine-tune a checkpoint on one task')
+    add_common(p)
+    d = FinetuneConfig()
+    p.add_argument('--lr', type=float, default=d.lr)
+    p.add_argument('--optim', choices=['sgd', 'adamw'], default=d.optim)
+    p.add_argument('--epochs', type=int, default=d.epochs)
+    p.add_argument('--warmup_epochs', type=int, default=d.warmup_epochs)
+    p.add_argument('--early_stop', type=int, default=d.early_stop, help='patience in epochs; -1: never stop early')
+    p.add_argument('--mixup', type=float, default=d.mixup, help='mixup alpha (0: off)')
+    p.add_argument('--freq_mask', type=int, default=d.freq_mask, help='frequency mask width at most (bins)')
+    p.add_argument('--time_mask', type=int, default=d.time_mask, help='time mask width at most (frames)')
+    p.add_argument('--rrc', type=str2bool, default=d.rrc, help='random resized crop: True/False')
+    p.add_argument('--training_mask', type=float, default=d.training_mask,
+                   help='ratio of tokens masked (whole rows/columns) while training')
+    p.add_argument('--fold', type=int, default=1, help='held-out fold of a fold task')
+
+    p = sub.add_parser('suite', help='linear evaluation on a suite of tasks, then the summary')
+    add_common(p, suite=True)
+    add_probe(p)
+    p.add_argument('--config', choices=list(SUITES), default='quick',
+                   help=', '.join(f'{k}: {" ".join(v)}' for k, v in SUITES.items()))
+    p.add_argument('--tasks', nargs='*', help='tasks to run instead of the config\'s')
+
+    p = sub.add_parser('summary', help='weights x tasks table of the results CSV (also saved as CSV and markdown)')
+    p.add_argument('results', nargs='?', default=str(DEFAULT_RESULTS))
+    p.add_argument('--mode', choices=['lineareval', 'finetune'], default='lineareval')
+
+    p = sub.add_parser('make_demo', help='(re)generate the labelled demo task')
+    p.add_argument('--dst', default=str(DEMO_DIR))
+    p.add_argument('--seed', type=int, default=0)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == 'lineareval':
+            row = linear_evaluation(args.weight, args.task, data_root=args.data_root, audio_root=args.audio_root,
+                                    seconds=args.duration, **probe_kwargs(args))
+            print(f'{row["task"]}: {row["metric"]} {100 * row["score"]:.2f}% (valid {100 * row["valid"]:.2f}%, '
+                  f'{row["n_clips"]} clips, {row["classes"]} classes, {row["seconds"]} s'
+                  f'{", cached embeddings" if row["cached"] else ""}) -> {args.results}')
+        elif args.command == 'finetune':
+            cfg = FinetuneConfig(**{k: getattr(args, k) for k in FinetuneConfig.__dataclass_fields__})
+            cfg.batch_size = args.batch_size or cfg.batch_size
+            row = finetune(args.weight, args.task, cfg, data_root=args.data_root, audio_root=args.audio_root,
+                           seconds=args.duration, fold=args.fold, results=args.results, num_workers=args.num_workers,
+                           device=args.device, **runtime_settings(args))
+            print(f'{row["task"]}: fine-tuned {row["metric"]} {100 * row["score"]:.2f}% (best valid '
+                  f'{100 * row["valid"]:.2f}%, {row["epochs_run"]} epochs, {row["seconds"]} s) -> {args.results}')
+        elif args.command == 'suite':
+            run_suite(args.weight, args.config, args.tasks, data_root=args.data_root, **probe_kwargs(args))
+        elif args.command == 'summary':
+            print(write_summary(args.results, mode=args.mode))
+        elif args.command == 'make_demo':
+            from m2d.synth import write_labelled_task
+            print(write_labelled_task(args.dst, seed=args.seed))
+    except (TaskError, FileNotFoundError, AudioReadError, ValueError, RuntimeError) as e:
+        sys.exit(f'python -m m2d.eval {args.command}: error: {e}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,147 @@
+"""Fine-tuning: the M2D encoder plus a linear head trained end to end on a task, best-valid state tested.
+
+Defaults are those of for_evar/m2d.yaml (ft_lr 2.0, ft_bs 128, ft_epochs 200, warmup 5, mixup 0.5,
+freq/time masks 30/192, RRC on); the published per-task command lines override some of them, e.g.
+    python -m m2d.eval finetune WEIGHT esc50 --lr 0.5 --freq_mask 0 --time_mask 0 --training_mask 0.5 --mixup 0.0 --rrc True
+"""
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from m2d.runtime_audio import RuntimeM2D
+
+from .augment import augment_lms, mixup, one_hot
+from .embeddings import ClipDataset, clip_loader, make_runtime, norm_stats, normalize
+from .linear_probe import score
+from .results import DEFAULT_RESULTS, append_result
+from .tasks import TaskData, load_task, resolve_task
+
+
+@dataclass
+class FinetuneConfig:
+    lr: float = 2.0
+    optim: str = 'sgd'          # sgd (momentum 0.9) | adamw
+    batch_size: int = 128
+    epochs: int = 200
+    warmup_epochs: int = 5
+    early_stop: int = -1        # epochs without a better valid score before stopping; -1: never
+    mixup: float = 0.5
+    freq_mask: int = 30
+    time_mask: int = 192
+    rrc: bool = True
+    training_mask: float = 0.0
+    seed: int = 0
+
+
+class FinetuneModel(nn.Module):
+    """Audio [B, S] -> LMS normalised with dataset stats -> (augmented in training) -> M2D -> mean -> Linear -> logits [B, C]."""
+
+    def __init__(self, runtime: RuntimeM2D, n_classes: int, stats: tuple[float, float], cfg: FinetuneConfig):
+        super().__init__()
+        self.runtime, self.stats, self.cfg = runtime, stats, cfg
+        self.head = nn.Linear(runtime.cfg.feature_d, n_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # a near-zero head keeps early gradients for the encoder small
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        lms = normalize(self.runtime, self.runtime.to_feature(audio), self.stats)
+        if self.training:
+            lms = augment_lms(lms, self.cfg.freq_mask, self.cfg.time_mask, self.cfg.rrc)
+        return self.head(self.runtime.encode_lms(lms).mean(dim=1))
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warmup over `warmup` steps, then half-cycle cosine to 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    if cfg.optim == 'sgd':
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+    if cfg.optim == 'adamw':
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    raise ValueError(f'unknown optimizer {cfg.optim!r}; use sgd or adamw')
+
+
+@torch.no_grad()
+def predict(model: FinetuneModel, loader, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    logits, targets = [], []
+    device = model.runtime.device
+    for audio, y in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits.append(model(audio.to(device)).float().cpu())
+        targets.append(y)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def _loader(task: TaskData, rows: np.ndarray, batch_size: int, train: bool, num_workers: int):
+    samples = int(round(task.spec.seconds * 16000))
+    dataset = ClipDataset([task.files[i] for i in rows], samples, task.y[rows], random_crop=train)
+    return torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(rows)), shuffle=train,
+                                       drop_last=train, num_workers=num_workers)
+
+
+def finetune(weight: Union[str, Path], task: str, cfg: FinetuneConfig = FinetuneConfig(),
+             data_root: Optional[str] = None, audio_root: Optional[str] = None, seconds: Optional[float] = None,
+             fold: int = 1, results: Optional[Union[str, Path]] = DEFAULT_RESULTS, num_workers: int = 0,
+             device: Optional[str] = None, **runtime_settings) -> dict:
+    """Fine-tune `weight` on `task` (fold tasks: hold out `fold`); append the test score to `results` and return the row."""
+    started = time.time()
+    spec = resolve_task(task, data_root, audio_root, seconds)
+    data = load_task(spec)
+    index = data.indices(fold, seed=cfg.seed) if data.fold is not None else data.indices()
+    runtime = make_runtime(weight, device=device, seed=cfg.seed, training_mask=cfg.training_mask, **runtime_settings)
+    torch.manual_seed(cfg.seed)
+    stats = norm_stats(runtime, clip_loader([data.files[i] for i in index['train']], spec.seconds, cfg.batch_size,
+                                            num_workers))
+    model = FinetuneModel(runtime, len(data.classes), stats, cfg).to(runtime.device)
+    train = _loader(data, index['train'], cfg.batch_size, True, num_workers)
+    valid, test = (_loader(data, index[s], cfg.batch_size, False, num_workers) for s in ('valid', 'test'))
+    opt = make_optimizer(model, cfg)
+    autocast = runtime.device.type == 'cuda' and torch.cuda.is_bf16_supported()
+    total, warmup = cfg.epochs * len(train), cfg.warmup_epochs * len(train)
+    best, best_state, since_best, step = -1.0, None, 0, 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        for audio, y in tqdm(train, desc=f'finetune epoch {epoch + 1}/{cfg.epochs}', leave=False):
+            for group in opt.param_groups:
+                group['lr'] = lr_at(step, total, warmup, cfg.lr)
+            audio, target = audio.to(runtime.device), one_hot(y, len(data.classes), data.multi_label).to(runtime.device)
+            with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=autocast):
+                audio, target = mixup(audio, target, cfg.mixup)  # mixed waveforms, mixed targets
+                logits = model(audio).float()
+            loss = (F.binary_cross_entropy_with_logits(logits, target) if data.multi_label
+                    else torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f'fine-tuning loss became {loss.item()} at epoch {epoch + 1}; lower --lr')
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        valid_score = score(*predict(model, valid, autocast), data.multi_label)
+        if valid_score > best:
+            best, best_state, since_best = valid_score, copy.deepcopy(model.state_dict()), 0
+        else:
+            since_best += 1
+            if 0 < cfg.early_stop <= since_best:
+                break
+    model.load_state_dict(best_state)
+    test_score = score(*predict(model, test, autocast), data.multi_label)
+    options = ' '.join(f'{k}={v}' for k, v in asdict(cfg).items())
+    row = dict(weight=str(weight), task=spec.name, metric='mAP' if data.multi_label else 'accuracy',
+               score=test_score, seconds=round(time.time() - started, 1), mode='finetune', options=options)
+    if results is not None:
+        row = append_result(results, **row)
+    return {**row, 'valid': best, 'epochs_run': epoch + 1}

@@ -1,0 +1,72 @@
+"""Evaluation suites: linear evaluation of one checkpoint on a list of tasks, then the summary table.
+
+Tasks whose data is absent are skipped with a note, so the same suite runs on a laptop (demo task
+only) and on a machine with EVAR's datasets ($M2D_EVAL_DATA). With $EVAR_ROOT pointing to an EVAR
+checkout (set up as in README section 5) the EVAR tasks run through EVAR's own lineareval.py instead.
+"""
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from .lineareval import linear_evaluation
+from .results import DEFAULT_RESULTS, TASK_ORDER, write_summary
+from .tasks import EVAR_TASKS, TaskError, resolve_task, task_available
+
+SUITES = {
+    'quick': ('demo', 'cremad', 'gtzan'),  # small tasks, run on checkpoints during pre-training
+    'all': ('demo', *TASK_ORDER),           # the published table's tasks
+}
+EVAR_ROOT_ENV = 'EVAR_ROOT'
+
+
+def run_evar(weight: str, task: str, evar_root: Path) -> int:
+    """EVAR's own linear evaluation of one task: python lineareval.py config/m2d.yaml TASK weight_file=W."""
+    cmd = [sys.executable, 'lineareval.py', 'config/m2d.yaml', task, f'weight_file={weight}']
+    print(f'\n$ (cd {evar_root} && {shlex.join(cmd)})', flush=True)
+    return subprocess.run(cmd, cwd=evar_root).returncode
+
+
+def run_suite(weight: Union[str, Path], config: str = 'quick', tasks: Optional[Sequence[str]] = None,
+              results: Union[str, Path] = DEFAULT_RESULTS, data_root: Optional[str] = None,
+              evar_root: Optional[str] = None, **lineareval_kwargs) -> list[dict]:
+    """Linear-evaluate `weight` on the suite's tasks (or `tasks`), print and save the summary; return the rows.
+
+    Raises RuntimeError after the last task when any task failed (the others still run).
+    """
+    if config not in SUITES:
+        raise ValueError(f'unknown suite {config!r}; choose from {", ".join(SUITES)}')
+    tasks = list(tasks or SUITES[config])
+    evar_root = evar_root or os.environ.get(EVAR_ROOT_ENV)
+    weight = str(Path(weight).resolve()) if str(weight) != 'random' else 'random'
+    rows, failed, skipped = [], [], []
+    for task in tasks:
+        if evar_root and task in EVAR_TASKS:
+            if run_evar(weight, task, Path(evar_root)) != 0:
+                failed.append(f'{task}: EVAR lineareval.py failed')
+            continue
+        try:
+            spec = resolve_task(task, data_root)
+            if task in EVAR_TASKS and not task_available(spec):
+                skipped.append(f'{task} (no {spec.metadata} or {spec.audio_root})')
+                continue
+            print(f'\n[{config}] {task}', flush=True)
+            row = linear_evaluation(weight, task, data_root=data_root, results=results, **lineareval_kwargs)
+            print(f'[{config}] {task}: {row["metric"]} {100 * row["score"]:.2f}% ({row["seconds"]} s)', flush=True)
+            rows.append(row)
+        except TaskError as e:
+            if task in EVAR_TASKS and 'M2D_EVAL_DATA' in str(e):
+                skipped.append(f'{task} (no data root)')
+            else:
+                failed.append(f'{task}: {e}')
+    if skipped:
+        print(f'\nSkipped (data not found): {", ".join(skipped)}')
+    if evar_root and any(t in EVAR_TASKS for t in tasks):
+        subprocess.run([sys.executable, 'summarize.py', weight], cwd=evar_root)
+    if Path(results).is_file():
+        print(f'\nLinear evaluation summary ({results}):\n{write_summary(results)}')
+    if failed:
+        raise RuntimeError('some tasks failed:\n  ' + '\n  '.join(failed))
+    return rows
