@@ -42,3 +42,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def make_lms_dataset(root: Path, lengths=(150, 96, 60, 300) * 4, n_mels: int = 80, vis: int = 2,
+                     seed: int = 0) -> Path:
+    """LMS files (1, n_mels, T) for the given lengths under root/lms, a files.csv listing them and
+    `vis` root/vis_samples/*.npy; returns root (the --data_path)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / 'lms').mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, T in enumerate(lengths):
+        name = f'lms/clip{i:03d}.npy'
+        np.save(root / name, (rng.standard_normal((1, n_mels, T)) * 2 - 5).astype(np.float32))
+        names.append(name)
+    (root / 'files.csv').write_text('file_name\n' + '\n'.join(names) + '\n')
+    if vis:
+        (root / 'vis_samples').mkdir(exist_ok=True)
+        for i in range(vis):
+            np.save(root / 'vis_samples' / f'vis{i}.npy', (rng.standard_normal((1, n_mels, 120)) - 5).astype(np.float32))
+    return root
+
+
+@pytest.fixture
+def lms_data(tmp_path) -> Path:
+    """A small pre-training data folder (16 LMS files of 60-300 frames, files.csv, vis_samples)."""
+    return make_lms_dataset(tmp_path / 'data')
