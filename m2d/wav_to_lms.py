@@ -180,7 +180,7 @@ def convert_folder(src: PathLike, dst: PathLike, suffix: str = '.wav', workers: 
                 report.converted.append(dst_file)
                 report.audio_seconds += samples / SAMPLE_RATE
                 if verbose:
-                    bar.write(f'{src_file} -> {dst_file} (1, 80, {1 + samples // 160})')
+                    bar.write(f'{src_file} -> {dst_file} (1, 80, {1 + samples // 160})', file=sys.stderr)
             else:
                 report.failed.append((src_file, error))
             bar.update()

@@ -1,0 +1,191 @@
+"""wav_to_lms: bit-exact librosa loading, folder conversion, skipping, failure reports, CLI rules, file list."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+from m2d.audio_io import AudioReadError, load_audio
+from m2d.lms import EPS, LogMelSpectrogram
+from m2d.runtime_audio import RuntimeM2D
+from m2d.wav_to_lms import convert_folder, main, write_file_list
+
+ROOT = Path(__file__).resolve().parents[1]
+# relative path -> (sample rate, seconds, channels); converted by default (suffix .wav)
+GOOD = {'a/x.wav': (16000, 1.0, 1), 'a/b/y.wav': (44100, 1.3, 2), 'z.wav': (22050, 0.7, 3),
+        'odd.wav': (7999, 0.9, 1)}
+BAD = ('bad.wav', 'empty.wav', 'tiny.wav')  # corrupt bytes, no samples, too short for one frame
+
+
+def _write(path: Path, sr: int, seconds: float, channels: int, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = np.random.default_rng(seed).uniform(-0.5, 0.5, (int(sr * seconds), channels)).astype(np.float32)
+    sf.write(path, x, sr)
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp('src')
+    for i, (rel, spec) in enumerate(GOOD.items()):
+        _write(src / rel, *spec, seed=i)
+    (src / 'bad.wav').write_bytes(b'RIFF\x00\x01garbage, not a wave file')
+    sf.write(src / 'empty.wav', np.zeros((0, 1), np.float32), 16000)
+    _write(src / 'tiny.wav', 16000, 0.005, 1)  # 80 samples
+    _write(src / 'other.flac', 16000, 0.5, 1)   # another suffix: not converted by default
+    return src
+
+
+def _npy_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*.npy'))
+
+
+def _expected_npy() -> list[str]:
+    return sorted(rel[:-4] + '.npy' for rel in GOOD)
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # audioread, imported by librosa, on Python 3.11+
+@pytest.mark.parametrize('sr,channels,subtype', [(16000, 1, 'PCM_16'), (44100, 2, 'PCM_16'), (22050, 1, 'FLOAT'),
+                                                 (48000, 2, 'PCM_24'), (7999, 3, 'PCM_16'), (11025, 1, 'PCM_16')])
+def test_load_audio_equals_librosa_load(tmp_path, sr, channels, subtype):
+    import librosa
+    for seconds in (0.37, 1.0):
+        path = tmp_path / f'{seconds}.wav'
+        x = np.random.default_rng(sr).uniform(-1, 1, (int(sr * seconds) + 3, channels)).astype(np.float32)
+        sf.write(path, x, sr, subtype=subtype)
+        ours, ref = load_audio(path), librosa.load(path, sr=16000, mono=True)[0]
+        assert ours.dtype == ref.dtype == np.float32
+        assert ours.shape == ref.shape and np.array_equal(ours, ref)
+
+
+def test_load_audio_rejects_nan(tmp_path):
+    x = np.zeros(1000, np.float32)
+    x[10] = np.nan
+    sf.write(tmp_path / 'nan.wav', x, 16000, subtype='FLOAT')
+    with pytest.raises(AudioReadError, match='nan.wav.*NaN'):
+        load_audio(tmp_path / 'nan.wav')
+
+
+@pytest.fixture(scope='module')
+def converted(corpus, tmp_path_factory):
+    """One in-process conversion (workers=1) shared by the checks below."""
+    dst = tmp_path_factory.mktemp('dst') / 'lms'
+    return dst, convert_folder(corpus, dst, workers=1, progress=False)
+
+
+def test_outputs_equal_the_runtime_front_end(corpus, converted, tiny_ckpt, one_thread):
+    dst, report = converted
+    assert _npy_files(dst) == _expected_npy()
+    assert [p.relative_to(dst).as_posix() for p in report.converted] == _expected_npy()
+    to_lms = LogMelSpectrogram()
+    runtime = RuntimeM2D(weight_file=str(tiny_ckpt))
+    for rel in GOOD:
+        lms = np.load(dst / (rel[:-4] + '.npy'))
+        wav = load_audio(corpus / rel)
+        assert lms.dtype == np.float32 and lms.shape == (1, 80, 1 + len(wav) // 160)
+        with torch.inference_mode():
+            assert np.array_equal(lms, to_lms(torch.from_numpy(wav)[None]).numpy())
+            np.testing.assert_allclose(lms, runtime.to_feature(wav[None])[0].numpy(), rtol=0, atol=1e-6)
+    assert report.audio_seconds == pytest.approx(sum(len(load_audio(corpus / rel)) for rel in GOOD) / 16000)
+
+
+def test_failures_reported_by_name(corpus, converted):
+    dst, report = converted
+    assert [src.name for src, _ in report.failed] == sorted(BAD)
+    messages = dict((src.name, message) for src, message in report.failed)
+    assert all(str(corpus / name) in messages[name] for name in BAD)
+    assert 'no audio samples' in messages['empty.wav'] and 'too short' in messages['tiny.wav']
+    assert all(f'FAILED {messages[name]}' in report.summary() for name in BAD)
+    assert not [p for p in dst.rglob('*') if p.is_file() and p.suffix != '.npy']  # no temp files left
+
+
+def test_rerun_skips_existing_outputs(corpus, tmp_path):
+    dst = tmp_path / 'lms'
+    sentinel = dst / 'a' / 'x.npy'
+    sentinel.parent.mkdir(parents=True)
+    np.save(sentinel, np.zeros(1))
+    report = convert_folder(corpus, dst, workers=1, progress=False)
+    assert report.skipped == [sentinel] and np.load(sentinel).shape == (1,)  # left as it was
+    assert len(report.converted) == len(GOOD) - 1
+    again = convert_folder(corpus, dst, workers=1, progress=False)
+    assert again.converted == [] and len(again.skipped) == len(GOOD) and again.ok
+    assert len(again.failed) == len(BAD)  # unreadable files are retried and reported every run
+
+
+def test_two_workers_give_identical_files(corpus, converted, tmp_path):
+    dst1, _ = converted
+    report = convert_folder(corpus, tmp_path / 'lms', workers=2, progress=False)
+    assert len(report.converted) == len(GOOD) and len(report.failed) == len(BAD)
+    for rel in _expected_npy():
+        assert (tmp_path / 'lms' / rel).read_bytes() == (dst1 / rel).read_bytes()
+
+
+def test_suffix_and_min_length(corpus, tmp_path):
+    report = convert_folder(corpus, tmp_path / 'lms', suffix='.flac', min_length=1.0, workers=1, progress=False)
+    assert _npy_files(tmp_path / 'lms') == ['other.npy'] and not report.failed
+    lms = np.load(tmp_path / 'lms' / 'other.npy')
+    assert lms.shape == (1, 80, 101)  # 0.5 s padded to 16000 samples
+    assert np.all(lms[..., -10:] == torch.tensor(EPS).log().item())  # the padding is digital silence
+
+
+def test_interrupted_write_leaves_no_file(corpus, tmp_path, monkeypatch):
+    def half_write(f, array, *args, **kwargs):
+        f.write(b'\x93NUMPY partial')
+        raise OSError('disk full')
+    monkeypatch.setattr(np, 'save', half_write)
+    report = convert_folder(corpus, tmp_path / 'lms', workers=1, progress=False)
+    assert report.converted == [] and len(report.failed) == len(GOOD) + len(BAD)
+    assert all('disk full' in message for src, message in report.failed if src.name not in BAD)
+    assert not [p for p in (tmp_path / 'lms').rglob('*') if p.is_file()]
+
+
+def test_write_file_list(converted, tmp_path):
+    dst, _ = converted
+    names = write_file_list(dst, tmp_path / 'files.csv', data_path=dst.parent)
+    df = pd.read_csv(tmp_path / 'files.csv')
+    assert list(df.columns) == ['file_name'] and df.file_name.tolist() == names
+    assert names == ['lms/' + rel for rel in _expected_npy()]
+    assert all((dst.parent / name).is_file() for name in names)
+    with pytest.raises(ValueError, match='not inside the data folder'):
+        write_file_list(dst, tmp_path / 'x.csv', data_path=tmp_path)
+
+
+def test_main_exit_status_and_csv(corpus, tmp_path, capsys):
+    data = tmp_path / 'data'
+    main(str(corpus), str(data / 'lms_c'), workers=1, csv=str(data / 'files_c.csv'), data_path=str(data))
+    err = capsys.readouterr().err
+    assert f'converted {len(GOOD)} files' in err and all(f'FAILED {corpus / name}' in err for name in BAD)
+    assert pd.read_csv(data / 'files_c.csv').file_name.tolist() == ['lms_c/' + rel for rel in _expected_npy()]
+    main(str(corpus), str(data / 'lms_c'), workers=1)  # all skipped, bad ones fail again: still fine
+
+    with pytest.raises(SystemExit, match='no .mp3 files found'):
+        main(str(corpus), str(tmp_path / 'none'), suffix='.mp3', workers=1)
+    only_bad = tmp_path / 'only_bad'
+    only_bad.mkdir()
+    (only_bad / 'bad.wav').write_bytes(b'not audio')
+    with pytest.raises(SystemExit, match='all 1 .wav files failed'):
+        main(str(only_bad), str(tmp_path / 'out'), workers=1)
+    with pytest.raises(SystemExit, match='not inside the data folder'):
+        main(str(corpus), str(tmp_path / 'elsewhere'), workers=1, csv=str(data / 'x.csv'), data_path=str(data))
+    assert not (tmp_path / 'elsewhere').exists()  # refused before converting anything
+    with pytest.raises(SystemExit, match='source folder not found'):
+        main(str(tmp_path / 'missing'), str(tmp_path / 'out'))
+
+
+def test_cli(corpus, tmp_path):
+    """The command users type: fire parses the options; exit 0 with some failures, 1 with no inputs."""
+    cmd = [sys.executable, str(ROOT / 'wav_to_lms.py'), str(corpus), 'data/lms_x', '--workers', '2',
+           '--csv', 'data/files_x.csv', '--verbose']
+    env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 'lms_x/a/b/y.npy (1, 80, 131)' in done.stderr and 'FAILED' in done.stderr
+    assert pd.read_csv(tmp_path / 'data' / 'files_x.csv').file_name.tolist() == [
+        'lms_x/' + rel for rel in _expected_npy()]
+    cmd = [sys.executable, str(ROOT / 'wav_to_lms.py'), str(tmp_path / 'data'), 'out', '--workers', '1']
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and 'no .wav files found' in done.stderr
