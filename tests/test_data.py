@@ -1,0 +1,99 @@
+"""Pre-training data: CSV listing, crop / pad / normalise, statistics, file checks."""
+import numpy as np
+import pytest
+import torch
+
+from m2d.data import (SpectrogramDataset, check_files, compute_norm_stats, crop_or_pad, load_vis_samples,
+                      read_file_list)
+
+
+def write_npy(path, T, value=None, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = np.full((1, 80, T), value, np.float32) if value is not None else \
+        np.random.default_rng(seed).standard_normal((1, 80, T)).astype(np.float32)
+    np.save(path, x)
+    return x
+
+
+def test_file_list_is_sorted(tmp_path):
+    csv = tmp_path / 'files.csv'
+    csv.write_text('file_name,other\nb/2.npy,x\na/1.npy,y\nb/1.npy,z\n')
+    assert read_file_list(csv) == ['a/1.npy', 'b/1.npy', 'b/2.npy']
+
+
+def test_csv_errors_are_helpful(tmp_path):
+    with pytest.raises(FileNotFoundError, match='dataset CSV not found.*file_name'):
+        read_file_list(tmp_path / 'nope.csv')
+    bad = tmp_path / 'bad.csv'
+    bad.write_text('path\na.npy\n')
+    with pytest.raises(ValueError, match="no 'file_name' column.*'path'"):
+        read_file_list(bad)
+
+
+def test_crop_is_a_slice_from_a_valid_start(tmp_path, one_thread):
+    x = write_npy(tmp_path / 'a.npy', 100)
+    ds = SpectrogramDataset(['a.npy'], tmp_path, 64, (0.0, 1.0))
+    starts = set()
+    torch.manual_seed(0)
+    for _ in range(200):
+        item = ds[0].numpy()
+        assert item.shape == (1, 80, 64)
+        matches = [s for s in range(100 - 64 + 1) if np.array_equal(x[..., s:s + 64], item)]
+        assert len(matches) == 1
+        starts.add(matches[0])
+    # Start in [0, T - crop): 0 included, T - crop never drawn.
+    assert min(starts) == 0 and max(starts) == 100 - 64 - 1
+
+
+def test_short_files_are_zero_padded_before_normalising(tmp_path):
+    x = write_npy(tmp_path / 'short.npy', 40)
+    mean, std = -5.0, 2.0
+    item = SpectrogramDataset(['short.npy'], tmp_path, 64, (mean, std))[0].numpy()
+    np.testing.assert_allclose(item[..., :40], (x - mean) / std, rtol=1e-6)
+    np.testing.assert_allclose(item[..., 40:], (0 - mean) / std)  # zero in log space, then normalised
+    write_npy(tmp_path / 'exact.npy', 64, value=3.0)
+    np.testing.assert_allclose(SpectrogramDataset(['exact.npy'], tmp_path, 64, (mean, std))[0].numpy(), 4.0)
+    assert crop_or_pad(x, 0, 64).shape == (1, 80, 64)
+
+
+def test_norm_stats_over_random_crops(tmp_path):
+    files = []
+    for i, v in enumerate([1.0, 2.0, 3.0, 4.0]):
+        write_npy(tmp_path / f'{i}.npy', 64, value=v)
+        files.append(f'{i}.npy')
+    mean, std, n = compute_norm_stats(files, tmp_path, 64)
+    assert n == 4  # fewer files than the 10,000 crops: each file once
+    assert mean == pytest.approx(2.5)
+    assert std == pytest.approx(np.std([1, 2, 3, 4]), rel=1e-6)
+    mean2, std2, n2 = compute_norm_stats(files, tmp_path, 64, n_crops=2, seed=1)
+    assert n2 == 2 and mean2 in (1.5, 2.0, 2.5, 3.0, 3.5)
+    # Its own generator: the global RNG does not move.
+    state = torch.get_rng_state()
+    compute_norm_stats(files, tmp_path, 32)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_missing_and_corrupt_files_are_named(tmp_path, capsys):
+    write_npy(tmp_path / 'ok.npy', 50)
+    (tmp_path / 'truncated.npy').write_bytes((tmp_path / 'ok.npy').read_bytes()[:200])
+    np.save(tmp_path / 'wrong.npy', np.zeros((80, 50), np.float32))
+    files = ['ok.npy', 'gone.npy', 'truncated.npy', 'wrong.npy']
+    with pytest.raises(ValueError) as err:
+        check_files(files, tmp_path, 80)
+    message = str(err.value)
+    assert '3 of 4 files' in message and '--skip_missing' in message
+    for name, why in [('gone.npy', 'missing'), ('truncated.npy', 'unreadable'), ('wrong.npy', 'shape')]:
+        assert f'{name}: {why}' in message
+    assert check_files(files, tmp_path, 80, skip_missing=True) == ['ok.npy']
+    assert 'WARNING: skipping 3 of 4 files' in capsys.readouterr().out
+    with pytest.raises(ValueError, match='No usable files'):
+        check_files(['gone.npy'], tmp_path, 80, skip_missing=True)
+
+
+def test_vis_samples(tmp_path):
+    write_npy(tmp_path / 'vis' / 'b.npy', 30, value=1.0)
+    np.save(tmp_path / 'vis' / 'a.npy', np.full((80, 100), 3.0, np.float32))  # (F, T) is accepted too
+    names, lms = load_vis_samples(tmp_path / 'vis', 64, (1.0, 2.0))
+    assert names == ['a', 'b'] and lms.shape == (2, 1, 80, 64)
+    assert torch.all(lms[0] == 1.0) and torch.all(lms[1, ..., :30] == 0.0) and torch.all(lms[1, ..., 30:] == -0.5)
+    assert load_vis_samples(tmp_path / 'none', 64, (0.0, 1.0)) == ([], None)
