@@ -1,0 +1,69 @@
+"""M2D as an EVAR audio representation (nttcslab/eval-audio-repr), configured by m2d.yaml.
+
+Setup inside an EVAR checkout `evar/` next to this repository (README section 5):
+    ln -s ../../for_evar/ar_m2d.py evar/evar
+    ln -s ../../for_evar/m2d.yaml evar/config
+    (add `import evar.ar_m2d` to evar/lineareval.py and evar/finetune.py)
+m2d is imported from the environment when installed (`pip install -e /path/to/this/repo`), else from the
+repository this file really lives in (the symlink is followed), so EVAR needs no copy of the code.
+"""
+import sys
+from pathlib import Path
+
+try:
+    import m2d.runtime_audio  # noqa: F401  (an installed m2d)
+except ImportError:
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from evar.ar_base import BaseAudioRepr, calculate_norm_stats, normalize_spectrogram
+
+from m2d.eval.embeddings import check_layers, layer_features
+from m2d.runtime_audio import RuntimeM2D
+
+
+class AR_M2D(BaseAudioRepr):
+    """EVAR wrapper of RuntimeM2D: audio [B, S] -> frame features [B, D, T] -> clip embedding [B, D].
+
+    cfg (from m2d.yaml, overridable on EVAR's command line): weight_file, output_layers (blocks whose
+    features are concatenated; [-1] = the final output), training_mask (token masking while fine-tuning),
+    cls_token and the mel settings. cfg.feature_d is set to the resulting embedding size.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg=cfg)
+        self.runtime = RuntimeM2D(cfg=self.cfg, weight_file=self.cfg.weight_file,
+                                  training_mask=float(self.cfg.get('training_mask') or 0.0))
+        self.output_layers = check_layers(self.runtime, self.cfg.get('output_layers') or [-1])
+        feature_d = self.runtime.cfg.feature_d * len(self.output_layers)
+        self.cfg['feature_d'] = cfg['feature_d'] = feature_d  # EVAR sizes its heads from cfg.feature_d
+        self.norm_stats = None
+
+    def precompute(self, device, data_loader):
+        """Dataset normalisation stats [mean, std] of the training LMS."""
+        self.norm_stats = calculate_norm_stats(device, data_loader, self.runtime.to_feature)
+
+    def normalize(self, lms):
+        if self.norm_stats is None:
+            raise RuntimeError('AR_M2D: call precompute(device, train_loader) before encoding (it computes the '
+                               'normalisation stats); AR_M2D_BatchNormStats normalises per batch instead')
+        return normalize_spectrogram(self.norm_stats, lms)
+
+    def encode_frames(self, batch_audio):
+        """Audio [B, S] -> [B, D, T] (the features of cfg.output_layers, concatenated; augmented only in training)."""
+        x = self.normalize(self.runtime.to_feature(batch_audio))
+        x = self.augment_if_training(x)
+        return layer_features(self.runtime, x, self.output_layers).transpose(1, 2)
+
+    def forward(self, batch_audio):
+        """Audio [B, S] -> clip embeddings [B, D] (time mean of encode_frames)."""
+        return self.encode_frames(batch_audio).mean(dim=-1)
+
+
+class AR_M2D_BatchNormStats(AR_M2D):
+    """AR_M2D normalising each batch with its own mean and std (RuntimeM2D.encode's way) instead of dataset stats."""
+
+    def precompute(self, device, data_loader):
+        pass
+
+    def normalize(self, lms):
+        return self.runtime.normalize_batch(lms)

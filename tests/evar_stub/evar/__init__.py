@@ -1,0 +1,1 @@
+"""Test stand-in for the EVAR package (see tests/evar_stub/README.md)."""
