@@ -35,7 +35,7 @@ def save_mask_figure(model: MaskedAutoencoderViT, lms: torch.Tensor, names: Sequ
     for row, name in enumerate(names):
         for col, (title, data) in enumerate(columns):
             ax = axes[row, col]
-            ax.imshow(data[row], origin='lower', aspect='auto', interpolation='nearest', cmap='magma')
+            ax.imshow(data[row].numpy(), origin='lower', aspect='auto', interpolation='nearest', cmap='magma')
             ax.set_title(f'{name}: {title}', fontsize=8)
             ax.axis('off')
     fig.suptitle(f'mask ratio {mask_ratio}, loss {float(loss):.4f}', fontsize=9)

@@ -1,0 +1,234 @@
+"""Pre-training loop: schedules, optimizer groups, outputs, checkpoints, resume, failures, hooks, scripts."""
+import datetime
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_lms_dataset
+
+from m2d.engine_pretrain import Precision, Schedule, optimizer_step
+from m2d.models_mae import M2DViT
+from m2d.pretrain import build_model, build_optimizer, cli, get_args_parser, main, save_checkpoint
+from m2d.runtime_audio import RuntimeM2D
+from util.checkpoint import load_checkpoint
+from util.schedules import cosine_lr, ema_decay, scaled_lr
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_argv(data: Path, out, *extra: str, mae: bool = False) -> list[str]:
+    """16 files, batch 8: 2 steps per epoch of a 2-block model on 80x96 crops."""
+    model = ['--model', 'msm_mae_vit_tiny'] if mae else ['--model', 'm2d_vit_tiny', '--decoder_depth', '2']
+    return [*model, '--depth', '2', '--input_size', '80x96', '--batch_size', '8', '--epochs', '2',
+            '--warmup_epochs', '1', '--device', 'cpu', '--num_workers', '0', '--data_path', str(data),
+            '--dataset', str(data / 'files.csv'), '--output_dir', str(out), '--print_freq', '1',
+            '--save_freq', '1', '--eval_scripts', str(data / 'no_scripts'), *extra]
+
+
+def run(argv: list[str], mae: bool = False):
+    return main(get_args_parser(mae).parse_args(argv))
+
+
+# ----- schedules and optimizer ---------------------------------------------------------------------
+
+def test_lr_schedule():
+    assert scaled_lr(3e-4, 2048) == pytest.approx(2.4e-3)
+    assert cosine_lr(0, 1.0, 0.1, 2, 10) == 0.0
+    assert cosine_lr(1, 1.0, 0.1, 2, 10) == pytest.approx(0.5)
+    assert cosine_lr(2, 1.0, 0.1, 2, 10) == pytest.approx(1.0)
+    assert cosine_lr(6, 1.0, 0.1, 2, 10) == pytest.approx(0.55)  # half way down the half cosine
+    assert cosine_lr(10, 1.0, 0.1, 2, 10) == pytest.approx(0.1)
+    s = Schedule(1.0, 0.0, 1, 4, iters_per_epoch=4, ema_decay_init=0.99995, ema_decay_final=0.99999)
+    assert s.lr_at(0, 2) == pytest.approx(0.5)  # per iteration, not per epoch
+    assert s.lr_at(2, 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 1.5 / 3)))
+
+
+def test_ema_schedule():
+    assert ema_decay(0, 11, 0.99995, 0.99999) == 0.99995
+    assert ema_decay(5, 11, 0.99995, 0.99999) == pytest.approx(0.99997)
+    assert ema_decay(10, 11, 0.99995, 0.99999) == pytest.approx(0.99999)
+    s = Schedule(1.0, 0.0, 1, 3, iters_per_epoch=5, ema_decay_init=0.5, ema_decay_final=1.0)
+    assert s.ema_at(2, 4) == pytest.approx(1.0) and s.ema_at(1, 2) == pytest.approx(0.5 + 0.5 * 7 / 14)
+
+
+def test_optimizer_groups_follow_timms_no_decay_rule():
+    args = get_args_parser().parse_args(['--model', 'm2d_vit_tiny', '--depth', '2', '--decoder_depth', '2',
+                                         '--lr', '1e-3'])
+    model = build_model(args)
+    opt = build_optimizer(args, model, torch.device('cpu'))
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults['betas'] == (0.9, 0.95)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_decay = {g['weight_decay']: [names[id(p)] for p in g['params']] for g in opt.param_groups}
+    assert set(by_decay) == {0.0, 0.05}
+    assert all(n.endswith('.bias') or model.get_parameter(n).ndim == 1 for n in by_decay[0.0])
+    assert 'blocks.0.norm1.weight' in by_decay[0.0] and 'blocks.0.attn.qkv.bias' in by_decay[0.0]
+    assert 'blocks.0.attn.qkv.weight' in by_decay[0.05]
+    assert not any(n.startswith(('target_', 'pos_embed', 'decoder_pos_embed')) for ns in by_decay.values() for n in ns)
+    args.optim = 'sgd'
+    assert isinstance(build_optimizer(args, model, torch.device('cpu')), torch.optim.SGD)
+
+
+def test_gradient_clipping_is_applied():
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([w], lr=1.0)
+    w.grad = torch.full((4,), 10.0)
+    optimizer_step(opt, torch.amp.GradScaler('cpu', enabled=False), [w], clip_grad=3.0)
+    assert w.norm().item() == pytest.approx(3.0) and w.grad is None
+    assert Precision.for_device(torch.device('cpu')).dtype is None  # fp32 on CPU
+
+
+# ----- a whole run ---------------------------------------------------------------------------------
+
+def fake_eval_scripts(folder: Path) -> Path:
+    folder.mkdir()
+    for name in ('quick_eval.sh', 'all_eval.sh'):
+        (folder / name).write_text(f'echo "{name} $1 $M2D_PYTHON" >> "{folder}/calls.txt"\necho hello from {name}\n')
+    return folder
+
+
+def test_run_outputs_checkpoints_and_hooks(lms_data, tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    scripts = fake_eval_scripts(tmp_path / 'scripts')
+    result = run(tiny_argv(lms_data, '', '--eval_after', '2', '--eval_scripts', str(scripts)))
+    out = result.output_dir
+    assert re.fullmatch(rf'm2d_vit_tiny-80x96p16x16-{datetime.date.today():%y%m%d}-mr7', out.name)
+    assert sorted(p.name for p in out.glob('checkpoint-*.pth')) == ['checkpoint-1.pth', 'checkpoint-2.pth']
+
+    ckpt = load_checkpoint(out / 'checkpoint-2.pth')
+    assert {'model', 'optimizer', 'epoch', 'scaler', 'args', 'rng'} <= set(ckpt)
+    assert ckpt['epoch'] == 2 and ckpt['args'].model == 'm2d_vit_tiny' and len(ckpt['rng']) == 1
+    assert any(k.startswith('target_blocks.') for k in ckpt['model'])
+    assert ckpt['args'].eff_batch_size == 8 and ckpt['args'].lr == pytest.approx(3e-4 * 8 / 256)
+
+    rt = RuntimeM2D(weight_file=str((out / 'checkpoint-2.pth').resolve()))  # the folder name is enough
+    assert len(rt.backbone.blocks) == 2 and len(rt.backbone.decoder_blocks) == 2
+    assert rt.encode(torch.rand(2, 16000) * 2 - 1).shape == (2, 7, 192 * 5)
+
+    logs = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert [e['epoch'] for e in logs] == [1, 2] and all(math.isfinite(e['train_loss']) for e in logs)
+    assert {'train_lr', 'train_ema_decay', 'train_samples_per_s'} <= set(logs[0])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert {'train_loss', 'lr', 'ema_decay'} <= set(events.Tags()['scalars'])
+    assert len(events.Scalars('train_loss')) == 4  # every step at --print_freq 1
+
+    console = (out / 'console.txt').read_text()
+    assert 'Epoch [2/2] step [2/2]' in console and 'samples/s' in console and 'ema 0.99999' in console
+    assert 'hello from all_eval.sh' in console
+    assert (out / 'vis-1.png').stat().st_size > 1000 and (out / 'vis-2.png').is_file()
+
+    # quick_eval.sh from epoch --eval_after on (in the background), all_eval.sh at the end.
+    assert len(result.eval_processes) == 1 and result.eval_processes[0].wait(timeout=30) == 0
+    calls = (scripts / 'calls.txt').read_text().splitlines()
+    ckpt2 = str((out / 'checkpoint-2.pth').resolve())
+    assert sorted(calls) == sorted([f'quick_eval.sh {ckpt2} {sys.executable}', f'all_eval.sh {ckpt2} {sys.executable}'])
+    assert 'hello from quick_eval.sh' in (out / 'quick_eval-2.log').read_text()
+
+
+def test_missing_eval_scripts_are_reported(lms_data, tmp_path, capsys, one_thread):
+    result = run(tiny_argv(lms_data, tmp_path / 'run', '--epochs', '1', '--eval_after', '0'))
+    assert result.eval_processes == []
+    out = capsys.readouterr().out
+    assert 'quick_eval.sh not found' in out and 'all_eval.sh not found' in out
+
+
+def test_resume_is_bitwise_identical(lms_data, tmp_path, one_thread):
+    straight = run(tiny_argv(lms_data, tmp_path / 'straight')).output_dir
+    stopped = run(tiny_argv(lms_data, tmp_path / 'stopped', '--stop_at', '1')).output_dir
+    assert not (stopped / 'checkpoint-2.pth').exists()
+    run(tiny_argv(lms_data, '', '--resume', str(stopped / 'checkpoint-1.pth')))  # continues in the same folder
+    a, b = load_checkpoint(straight / 'checkpoint-2.pth'), load_checkpoint(stopped / 'checkpoint-2.pth')
+    assert a['model'].keys() == b['model'].keys()
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert 'Resumed from' in (stopped / 'console.txt').read_text()
+
+
+def test_interrupted_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    path = tmp_path / 'checkpoint-1.pth'
+    save_checkpoint(path, model, opt, scaler, 1, None, [])
+    before = path.read_bytes()
+
+    real_save = torch.save
+
+    def crash_midway(obj, f, *args, **kwargs):
+        f.write(b'partial data')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(torch, 'save', crash_midway)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match='disk full'):
+        save_checkpoint(path, model, opt, scaler, 2, None, [])
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert path.read_bytes() == before and load_checkpoint(path)['epoch'] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ['checkpoint-1.pth']  # no temporary file left
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(lms_data, tmp_path, monkeypatch, capsys, one_thread):
+    real_loss, calls = M2DViT.forward_loss, []
+
+    def diverge_in_epoch_2(self, target, pred):
+        loss = real_loss(self, target, pred)
+        if self.training:  # not the picture at the checkpoint
+            calls.append(1)
+            if len(calls) > 2:
+                return loss * float('nan')
+        return loss
+
+    monkeypatch.setattr(M2DViT, 'forward_loss', diverge_in_epoch_2)
+    out = tmp_path / 'run'
+    assert cli(argv=tiny_argv(lms_data, out)) == 1
+    assert 'loss is nan at epoch 2, step 1/2' in capsys.readouterr().err
+    assert 'ERROR: loss is nan' in (out / 'console.txt').read_text()
+    assert not (out / 'checkpoint-2.pth').exists()
+    assert load_checkpoint(out / 'checkpoint-1.pth')['epoch'] == 1
+    assert len((out / 'log.txt').read_text().splitlines()) == 1
+
+
+def test_bad_input_gives_a_clear_error(lms_data, tmp_path, monkeypatch, capsys):
+    (lms_data / 'lms' / 'clip003.npy').unlink()
+    assert cli(argv=tiny_argv(lms_data, tmp_path / 'run')) == 2
+    err = capsys.readouterr().err
+    assert 'clip003.npy: missing' in err and '--skip_missing' in err
+    assert not list((tmp_path / 'run').glob('checkpoint-*'))
+
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    argv = tiny_argv(lms_data, tmp_path / 'run')
+    argv[argv.index('--device') + 1] = 'cuda'
+    assert cli(argv=argv) == 2
+    assert 'CUDA is not available' in capsys.readouterr().err
+
+
+def test_skip_missing_trains_without_the_missing_file(lms_data, tmp_path, capsys, one_thread):
+    (lms_data / 'lms' / 'clip003.npy').unlink()
+    result = run(tiny_argv(lms_data, tmp_path / 'run', '--epochs', '1', '--skip_missing', '--batch_size', '5'))
+    assert (result.output_dir / 'checkpoint-1.pth').is_file()
+    out = capsys.readouterr().out
+    assert 'WARNING: skipping 1 of 16 files' in out and 'Dataset: 15 files' in out and 'step [3/3]' in out
+
+
+def test_msm_mae_script(tmp_path):
+    data = make_lms_dataset(tmp_path / 'data', vis=1)
+    argv = tiny_argv(data, '', '--epochs', '1', mae=True)
+    proc = subprocess.run([sys.executable, str(REPO / 'mae_train_audio.py'), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={'OMP_NUM_THREADS': '1', 'PATH': ''})
+    assert proc.returncode == 0, proc.stderr
+    (out,) = tmp_path.glob('msm_mae_vit_tiny-80x96p16x16-*-mr75')
+    ckpt = load_checkpoint(out / 'checkpoint-1.pth')
+    assert ckpt['model']['decoder_pred.weight'].shape == (256, 96)
+    assert not any(k.startswith('target') for k in ckpt['model']) and ckpt['args'].norm_pix_loss is False
+    assert 'ema' not in (out / 'console.txt').read_text().split('Epoch [1/1]')[1]
+    assert (out / 'vis-1.png').is_file()
