@@ -1,0 +1,217 @@
+"""The built-in evaluator (python -m m2d.eval): tasks, linear evaluation, fine-tuning, summary, suites, scripts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+from sklearn.metrics import average_precision_score
+
+from m2d.eval.__main__ import main
+from m2d.eval.augment import mask_bands, mixup, random_resized_crop
+from m2d.eval.finetune import FinetuneConfig, finetune
+from m2d.eval.linear_probe import ProbeConfig, score
+from m2d.eval.lineareval import linear_evaluation, probe_task
+from m2d.eval.results import append_result, summary_table, write_summary
+from m2d.eval.suite import run_suite
+from m2d.eval.tasks import TaskData, TaskError, TaskSpec, load_task, resolve_task
+from m2d.synth import write_labelled_task
+
+REPO = Path(__file__).resolve().parents[1]
+KINDS = ('tone', 'clicks', 'noise_burst', 'chirp')
+
+
+@pytest.fixture(scope='module')
+def task_csv(tmp_path_factory) -> Path:
+    """4 classes x (4 train, 2 valid, 2 test) clips of 1 s."""
+    return write_labelled_task(tmp_path_factory.mktemp('task') / 'small', n_per_class=(4, 2, 2), seconds=1.0, kinds=KINDS)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv('M2D_EVAL_CACHE', str(tmp_path / 'cache'))
+    return tmp_path / 'cache'
+
+
+def test_labelled_task_layout(task_csv, tmp_path):
+    df = pd.read_csv(task_csv)
+    assert list(df.columns) == ['file_name', 'label', 'split']
+    assert df.groupby(['split', 'label']).size().unstack().loc[['train', 'valid', 'test']].values.tolist() == \
+        [[4] * 4, [2] * 4, [2] * 4]
+    info = sf.info(str(task_csv.parent / 'audio' / df.file_name[0]))
+    assert (info.samplerate, info.channels, info.frames) == (16000, 1, 16000)
+    multi = pd.read_csv(write_labelled_task(tmp_path / 'ml', n_per_class=(2, 1, 1), seconds=0.5, multi_label=True))
+    assert multi.label.str.contains(',').any()
+    folds = pd.read_csv(write_labelled_task(tmp_path / 'f', n_per_class=(2, 1, 0), seconds=0.5, kinds=KINDS, folds=3))
+    assert 'split' not in folds and sorted(folds.fold.unique()) == [1, 2, 3]
+
+
+def test_lineareval_end_to_end_with_results_row_and_cache(tiny_ckpt, task_csv, tmp_path, one_thread, capsys):
+    results = tmp_path / 'scores.csv'
+    first = linear_evaluation(tiny_ckpt, str(task_csv), results=results, batch_size=8)
+    assert first['task'] == 'small' and first['metric'] == 'accuracy' and 0 <= first['score'] <= 1
+    assert (first['n_clips'], first['classes'], first['cached']) == (32, 4, False)
+    second = linear_evaluation(tiny_ckpt, str(task_csv), results=results, batch_size=8)
+    assert second['cached'] and second['score'] == first['score']
+    rows = pd.read_csv(results)
+    assert list(rows.columns[:6]) == ['weight', 'task', 'metric', 'score', 'seconds', 'date']
+    assert len(rows) == 2 and rows.weight[0] == str(tiny_ckpt) and rows.score[0] == pytest.approx(first['score'])
+    # Other layers are other embeddings; a rewritten weight file is never served from the cache.
+    assert not linear_evaluation(tiny_ckpt, str(task_csv), results=None, output_layers=[-1, 0])['cached']
+    os.utime(tiny_ckpt, ns=(0, os.stat(tiny_ckpt).st_mtime_ns + 10**9))
+    assert not linear_evaluation(tiny_ckpt, str(task_csv), results=None)['cached']
+    main(['lineareval', str(tiny_ckpt), str(task_csv), '--results', str(results), '--patience', '5'])
+    assert 'small: accuracy' in capsys.readouterr().out and len(pd.read_csv(results)) == 3
+
+
+def test_random_weights_need_model_and_size(task_csv, one_thread):
+    with pytest.raises(ValueError, match='--model and --input_size'):
+        linear_evaluation('random', str(task_csv), results=None)
+
+
+def _blobs(rng, n_per_class, n_classes, dim=8):
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    centres = rng.normal(size=(n_classes, dim)) * 4
+    return (centres[y] + rng.normal(size=(len(y), dim))).astype(np.float32), y
+
+
+def test_fold_scores_are_averaged(one_thread):
+    rng = np.random.default_rng(0)
+    x, y = _blobs(rng, 30, 3)
+    fold = np.tile([1, 2, 3], len(y) // 3)
+    task = TaskData(TaskSpec('t', Path('m.csv'), Path('.'), 1.0), [Path(f'{i}.wav') for i in range(len(y))], y,
+                    ['a', 'b', 'c'], False, None, fold)
+    out = probe_task(x, task, ProbeConfig(epochs=50))
+    assert len(out['folds']) == 3 and out['score'] == pytest.approx(np.mean(out['folds']))
+    assert out['score'] > 0.9
+    for k in (1, 2, 3):  # each fold is test once; valid comes out of the other folds
+        idx = task.indices(k)
+        assert set(idx['test']) == set(np.flatnonzero(fold == k))
+        assert not set(idx['train']) & set(idx['valid']) and not set(idx['valid']) & set(idx['test'])
+
+
+def test_multi_label_uses_map(one_thread):
+    rng = np.random.default_rng(1)
+    y = (rng.random((120, 4)) < 0.4).astype(np.float32)
+    y[y.sum(1) == 0, 0] = 1
+    x = (y @ rng.normal(size=(4, 16)) * 3 + rng.normal(size=(120, 16))).astype(np.float32)
+    split = np.array(['train'] * 80 + ['valid'] * 20 + ['test'] * 20)
+    task = TaskData(TaskSpec('t', Path('m.csv'), Path('.'), 1.0), [Path('x')] * 120, y, list('abcd'), True, split, None)
+    out = probe_task(x, task, ProbeConfig(epochs=100))
+    assert out['metric'] == 'mAP' and out['score'] > 0.8
+    logits = torch.tensor([[2.0, -1.0], [-1.0, 0.5], [0.5, 1.0]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    assert score(logits, targets, True) == pytest.approx(average_precision_score(targets, logits, average='macro'))
+
+
+def test_finetune_runs_and_writes_results(tiny_ckpt, task_csv, tmp_path, one_thread):
+    results = tmp_path / 'scores.csv'
+    cfg = FinetuneConfig(lr=0.01, batch_size=8, epochs=2, warmup_epochs=1, mixup=0.3, freq_mask=10, time_mask=20,
+                         rrc=True, training_mask=0.5, early_stop=5)
+    row = finetune(tiny_ckpt, str(task_csv), cfg, results=results)
+    assert row['mode'] == 'finetune' and row['epochs_run'] == 2 and 0 <= row['score'] <= 1
+    saved = pd.read_csv(results)
+    assert saved['mode'].tolist() == ['finetune'] and 'training_mask=0.5' in saved.options[0]
+    row = finetune(tiny_ckpt, str(task_csv), FinetuneConfig(optim='adamw', lr=1e-4, batch_size=16, epochs=1,
+                                                            warmup_epochs=0, rrc=False), results=None)
+    assert row['epochs_run'] == 1
+
+
+def test_summary_table_and_cli(tmp_path, capsys):
+    results = tmp_path / 'scores.csv'
+    for weight, task, s in [('/r/m2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300.pth', 'demo', 0.5),
+                            ('/r/m2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300.pth', 'esc50', 0.898),
+                            ('/r/m2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300.pth', 'demo', 0.75),
+                            ('/r/other-80x208p16x16-x/checkpoint-1.pth', 'cremad', 0.5)]:
+        append_result(results, weight, task, 'accuracy', s, 1.0)
+    append_result(results, '/r/other-80x208p16x16-x/checkpoint-1.pth', 'cremad', 'accuracy', 0.9, 1.0, mode='finetune')
+    table = summary_table(results)
+    assert list(table.columns) == ['esc50', 'cremad', 'demo']  # published order first, then the rest
+    assert table.loc['m2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300', 'demo'] == 75.0  # latest row wins
+    assert table.loc['other-80x208p16x16-x/checkpoint-1', 'cremad'] == 50.0  # fine-tuning rows kept apart
+    main(['summary', str(results)])
+    out = capsys.readouterr().out
+    assert '| weight | esc50 | cremad | demo |' in out and '| m2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300 | 89.8% |  | 75.0% |' in out
+    assert (tmp_path / 'summary.csv').is_file() and (tmp_path / 'summary.md').read_text().strip() == out.strip()
+    assert '90.0%' in write_summary(results, mode='finetune')
+
+
+def test_suite_runs_evar_when_evar_root_is_set(tiny_ckpt, tmp_path):
+    evar = tmp_path / 'evar'
+    evar.mkdir()
+    log = tmp_path / 'calls.txt'
+    for script in ('lineareval.py', 'summarize.py'):
+        (evar / script).write_text(f'import sys\nopen({str(log)!r}, "a").write(" ".join(sys.argv) + "\\n")\n')
+    run_suite(tiny_ckpt, 'all', tasks=['cremad', 'esc50'], results=tmp_path / 'scores.csv', evar_root=str(evar))
+    assert log.read_text().splitlines() == [f'lineareval.py config/m2d.yaml cremad weight_file={tiny_ckpt}',
+                                            f'lineareval.py config/m2d.yaml esc50 weight_file={tiny_ckpt}',
+                                            f'summarize.py {tiny_ckpt}']
+
+
+def test_shell_scripts_run_the_suite(tiny_ckpt, task_csv, tmp_path, cache):
+    env = {**os.environ, 'M2D_PYTHON': sys.executable, 'M2D_EVAL_CACHE': str(cache), 'OMP_NUM_THREADS': '1'}
+    env.pop('M2D_EVAL_DATA', None)
+    env.pop('EVAR_ROOT', None)
+    results = tmp_path / 'scores.csv'
+    for script, tasks in (('quick_eval.sh', [str(task_csv)]), ('all_eval.sh', [str(task_csv), 'esc50'])):
+        done = subprocess.run(['bash', str(REPO / script), str(tiny_ckpt), '--tasks', *tasks, '--results', str(results)],
+                              cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert '| weight | small |' in done.stdout
+    assert 'Skipped (data not found): esc50' in done.stdout
+    assert pd.read_csv(results).task.tolist() == ['small', 'small']
+
+
+# ----- bad input: a clear error before any encoding (the weight below does not even exist) -----
+
+def _variant(task_csv: Path, tmp_path: Path, edit) -> str:
+    df = edit(pd.read_csv(task_csv))
+    path = tmp_path / 'bad.csv'
+    df.to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda df: df.assign(file_name=df.file_name.where(df.index > 1, 'gone/nothing.wav')),
+     r'2 of 32 listed audio files are missing(.|\n)*gone/nothing.wav'),
+    (lambda df: df[df.split != 'valid'], 'split valid has no samples'),
+    (lambda df: df.assign(label=df.label.where(df.split != 'test', 'unseen')), r"split test has labels that no training sample has: \['unseen'\]"),
+    (lambda df: df.assign(label='tone'), 'only one class'),
+    (lambda df: df.drop(columns='split'), 'needs columns file_name, label and split'),
+    (lambda df: df.drop(columns='split').assign(fold=1), 'single fold'),
+])
+def test_bad_task_input_fails_before_encoding(task_csv, tmp_path, edit, message):
+    path = _variant(task_csv, tmp_path, edit)
+    with pytest.raises(TaskError, match=message):
+        linear_evaluation(tmp_path / 'no-such-weight.pth', path, audio_root=str(task_csv.parent / 'audio'), results=None)
+
+
+def test_unknown_task_and_missing_data_root(tmp_path, monkeypatch, capsys):
+    with pytest.raises(TaskError, match='unknown task .nosuch.; known tasks: demo, esc50, us8k'):
+        resolve_task('nosuch')
+    monkeypatch.delenv('M2D_EVAL_DATA', raising=False)
+    with pytest.raises(TaskError, match='set M2D_EVAL_DATA'):
+        resolve_task('cremad')
+    with pytest.raises(SystemExit, match='error: unknown task'):
+        main(['lineareval', str(tmp_path / 'w.pth'), 'nosuch'])
+    monkeypatch.setenv('M2D_EVAL_DATA', str(tmp_path))
+    with pytest.raises(TaskError, match='metadata file not found.*evar/metadata/cremad.csv'):
+        load_task(resolve_task('cremad'))
+
+
+def test_augmentations_keep_shape_and_mask_bands():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 80, 100) + 5
+    masked = mask_bands(x, 30, 2)
+    zero_rows = (masked == 0).all(dim=3).squeeze(1)  # [B, F]
+    assert masked.shape == x.shape and (zero_rows.sum(1) < 30).all() and zero_rows.any()
+    assert ((mask_bands(x, 50, 3) == 0).all(dim=2).squeeze(1).sum(1) < 50).all()
+    assert random_resized_crop(x).shape == x.shape
+    y = torch.eye(4)
+    assert mixup(x, y, 0.0)[0] is x
+    xm, ym = mixup(x, y, 0.5)
+    assert torch.allclose(ym.sum(1), torch.ones(4))
