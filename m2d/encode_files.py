@@ -1,0 +1,212 @@
+"""Encode audio files into M2D embeddings saved as .npy files (`python -m m2d encode WEIGHTS INPUT OUT`).
+
+INPUT is one audio file or a folder searched recursively for .wav/.flac/.ogg files of any sample
+rate and channel count (mixed to mono and resampled to 16 kHz as the runtime expects). Input
+`INPUT/a/b.wav` is written to `OUT/a/b.npy` (a single input file to `OUT/<name>.npy`, or to OUT
+itself when it ends in .npy), as float32:
+- by default a clip embedding [D]: the time mean of the frame embeddings (get_scene_embeddings);
+- with --frames the frame embeddings [T, D], one per 160 ms (RuntimeM2D.encode).
+
+Normalisation of the log-mel spectrograms: by default each clip with its own mean and std, so a
+file's embedding never depends on the other files or on the batch size (it equals
+`runtime.get_scene_embeddings(audio[None])`). --norm_stats MEAN STD uses fixed statistics and
+--dataset_norm computes them over all the input files first (a pass that reads every file once).
+
+Files that cannot be read, are empty, shorter than one patch (150 ms), or digital silence (under
+per-clip normalisation) are listed at the end; the others are still encoded. Existing outputs are
+skipped unless --overwrite.
+"""
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from util.checkpoint import save_npy_atomic
+
+from .audio_io import AUDIO_SUFFIXES, AudioReadError, find_audio_files, load_audio
+from .runtime_audio import RuntimeM2D
+
+
+@dataclass
+class EncodeReport:
+    """What encode_files did: outputs written, outputs that existed already, and failures with reasons."""
+    encoded: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    norm_stats: Optional[tuple[float, float]] = None
+
+    @property
+    def ok(self) -> bool:
+        """True when at least one input has its embedding file (written now or before)."""
+        return bool(self.encoded or self.skipped)
+
+    def summary(self) -> str:
+        lines = [f'encoded {len(self.encoded)}, skipped {len(self.skipped)} (output exists; --overwrite to redo), '
+                 f'failed {len(self.failed)}']
+        if self.norm_stats is not None:
+            lines.append(f'dataset normalisation stats: --norm_stats {self.norm_stats[0]:.6g} {self.norm_stats[1]:.6g}')
+        lines += [f'  FAILED {path}: {reason}' for path, reason in self.failed]
+        return '\n'.join(lines)
+
+
+def plan_outputs(input_path: Path, output_path: Path) -> list[tuple[Path, Path]]:
+    """(audio file, .npy output) pairs: a folder is searched recursively and mirrored under output_path."""
+    if input_path.is_file():
+        out = output_path if output_path.suffix == '.npy' else output_path / (input_path.stem + '.npy')
+        return [(input_path, out)]
+    if not input_path.is_dir():
+        raise FileNotFoundError(f'input not found: {input_path}')
+    return [(src, output_path / src.relative_to(input_path).with_suffix('.npy'))
+            for src in find_audio_files(input_path)]
+
+
+def _duration(path: Path) -> float:
+    try:
+        return sf.info(str(path)).duration
+    except Exception:  # unreadable: load_audio reports why, later
+        return 0.0
+
+
+class _Encoder:
+    """Loads, checks and normalises clips, and encodes batches of them exactly as one clip at a time."""
+
+    def __init__(self, runtime: RuntimeM2D, norm_stats: Optional[tuple[float, float]]):
+        self.runtime, self.norm_stats = runtime, norm_stats
+
+    def lms(self, path: Path) -> torch.Tensor:
+        """One file -> its unnormalised LMS [1, 1, F, T]; raises ValueError/AudioReadError on bad audio."""
+        wav = load_audio(path, self.runtime.sample_rate)
+        return self.runtime.to_feature(torch.from_numpy(wav)[None])
+
+    def normalise(self, lms: torch.Tensor) -> torch.Tensor:
+        if self.norm_stats is None:
+            try:
+                return self.runtime.normalize_batch(lms)
+            except ValueError:
+                raise ValueError('digital silence: per-clip normalisation is undefined; '
+                                 'use --norm_stats MEAN STD or --dataset_norm') from None
+        mean, std = self.norm_stats
+        return (lms - mean) / std
+
+    def encode(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Normalised LMS [1, 1, F, T_i] each -> frame embeddings [ceil(T_i / pt), D] each.
+
+        Zero-padding to the longest clip is what encode_lms pads with anyway, and padded frames
+        are cut off again, so each result equals encoding that clip alone.
+        """
+        longest = max(x.shape[-1] for x in batch)
+        frames = self.runtime.encode_lms(torch.cat([F.pad(x, (0, longest - x.shape[-1])) for x in batch]))
+        pt = self.runtime.cfg.patch_size[1]
+        return [frames[i, :math.ceil(x.shape[-1] / pt)] for i, x in enumerate(batch)]
+
+
+def dataset_norm_stats(encoder: _Encoder, files: list[Path], report: EncodeReport,
+                       progress: bool = True) -> tuple[float, float]:
+    """Mean and std over every LMS value of every readable file (as EVAR's precompute does)."""
+    total = total_sq = count = 0.0
+    for path in tqdm(files, desc='norm stats', unit='file', disable=not progress):
+        try:
+            lms = encoder.lms(path).double()
+        except (AudioReadError, ValueError) as e:
+            report.failed.append((path, str(e).removeprefix(f'{path}: ')))
+            continue
+        total, total_sq, count = total + lms.sum().item(), total_sq + (lms ** 2).sum().item(), count + lms.numel()
+    if not count:
+        raise ValueError('no readable audio to compute normalisation statistics from')
+    mean = total / count
+    return mean, math.sqrt(max(total_sq / count - mean ** 2, 0.0))
+
+
+def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], output_path: Union[str, Path],
+                 frames: bool = False, norm_stats: Optional[tuple[float, float]] = None, dataset_norm: bool = False,
+                 device: Optional[str] = None, batch_size: int = 16, overwrite: bool = False,
+                 progress: bool = True, **settings: Any) -> EncodeReport:
+    """Encode an audio file or a folder of them into .npy embeddings (see the module docstring).
+
+    settings: RuntimeM2D settings, e.g. model, input_size, patch_size for a folder not named like
+    the published ones. Returns an EncodeReport; raises only for bad arguments or a missing input.
+    """
+    if norm_stats is not None and dataset_norm:
+        raise ValueError('give either norm_stats or dataset_norm, not both')
+    if norm_stats is not None and not (len(norm_stats) == 2 and float(norm_stats[1]) > 0):
+        raise ValueError(f'norm_stats must be (mean, std) with std > 0, got {norm_stats}')
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be at least 1, got {batch_size}')
+    jobs = plan_outputs(Path(input_path), Path(output_path))
+    report = EncodeReport()
+    owner: dict[Path, Path] = {}
+    todo = []
+    for src, dst in jobs:
+        if dst in owner:
+            report.failed.append((src, f'same output file {dst} as {owner[dst]}; rename one of them'))
+        elif dst.exists() and not overwrite:
+            owner[dst] = src
+            report.skipped.append(dst)
+        else:
+            owner[dst] = src
+            todo.append((src, dst))
+    if not todo:
+        return report
+
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    runtime = RuntimeM2D(weight_file=str(weight_file), **settings).to(device).eval()
+    encoder = _Encoder(runtime, None if norm_stats is None else (float(norm_stats[0]), float(norm_stats[1])))
+    if dataset_norm:
+        encoder.norm_stats = report.norm_stats = dataset_norm_stats(encoder, [s for s, _ in jobs], report, progress)
+    already_failed = {path for path, _ in report.failed}
+    todo = sorted((job for job in todo if job[0] not in already_failed), key=lambda job: _duration(job[0]))
+
+    with tqdm(total=len(todo), desc='encode', unit='file', disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):  # neighbours in duration order: little padding
+            batch, outputs = [], []
+            for src, dst in todo[start:start + batch_size]:
+                try:
+                    batch.append(encoder.normalise(encoder.lms(src)))
+                    outputs.append(dst)
+                except (AudioReadError, ValueError, TypeError) as e:
+                    report.failed.append((src, str(e).removeprefix(f'{src}: ')))
+            for dst, emb in zip(outputs, encoder.encode(batch) if batch else []):
+                save_npy_atomic((emb if frames else emb.mean(dim=0)).cpu().numpy().astype(np.float32), dst)
+                report.encoded.append(dst)
+            bar.update(len(todo[start:start + batch_size]))
+    return report
+
+
+# ----- command line -------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('weights', help='checkpoint, e.g. m2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300.pth')
+    parser.add_argument('input', help=f'an audio file, or a folder searched recursively for {"/".join(AUDIO_SUFFIXES)}')
+    parser.add_argument('output', help='output folder (or a .npy file for a single input file)')
+    parser.add_argument('--frames', action='store_true', help='save frame embeddings [T, D] instead of clip ones [D]')
+    norm = parser.add_mutually_exclusive_group()
+    norm.add_argument('--norm_stats', nargs=2, type=float, metavar=('MEAN', 'STD'),
+                      help='normalise the LMS with these statistics instead of per clip')
+    norm.add_argument('--dataset_norm', action='store_true',
+                      help='compute the LMS mean and std over all input files first and normalise with them')
+    parser.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
+    parser.add_argument('--batch_size', type=int, default=16, help='clips per batch (grouped by similar length)')
+    parser.add_argument('--overwrite', action='store_true', help='re-encode files whose output exists')
+    parser.add_argument('--model', default='', help='model name, if the weight folder name does not tell it')
+    parser.add_argument('--input_size', default=None, help='model input FxT (e.g. 80x608), with --model')
+    parser.add_argument('--patch_size', default=None, help='patch size FxT (e.g. 16x16), with --model')
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `encode` command: prints a summary and returns 1 when no input has an embedding file."""
+    report = encode_files(args.weights, args.input, args.output, frames=args.frames, norm_stats=args.norm_stats,
+                          dataset_norm=args.dataset_norm, device=args.device, batch_size=args.batch_size,
+                          overwrite=args.overwrite, model=args.model, input_size=args.input_size,
+                          patch_size=args.patch_size)
+    if not (report.encoded or report.skipped or report.failed):
+        print(f'no {"/".join(AUDIO_SUFFIXES)} files found in {args.input}')
+        return 1
+    print(report.summary())
+    return 0 if report.ok else 1

@@ -1,0 +1,124 @@
+"""`python -m m2d encode` / m2d.encode_files: audio files -> .npy embeddings."""
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from m2d.__main__ import main
+from m2d.audio_io import load_audio
+from m2d.encode_files import encode_files
+from m2d.runtime_audio import RuntimeM2D
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+def tone(seconds: float, sr: int, channels: int = 1, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    wav = 0.3 * np.sin(2 * np.pi * (220 + 100 * seed) * t) + 0.05 * rng.standard_normal(t.size)
+    return np.stack([wav * (c + 1) / channels for c in range(channels)], axis=1).astype(np.float32)
+
+
+@pytest.fixture
+def audio_dir(tmp_path):
+    root = tmp_path / 'audio'
+    (root / 'a').mkdir(parents=True)
+    (root / 'b' / 'c').mkdir(parents=True)
+    sf.write(root / 'a' / 'tone16k.wav', tone(1.2, 16000), 16000)
+    sf.write(root / 'b' / 'stereo44k.wav', tone(0.9, 44100, channels=2, seed=1), 44100)
+    sf.write(root / 'b' / 'c' / 'deep8k.flac', tone(2.1, 8000, seed=2), 8000)
+    sf.write(root / 'silence.wav', np.zeros((16000, 1), np.float32), 16000)
+    sf.write(root / 'short.wav', tone(0.05, 16000), 16000)
+    (root / 'corrupt.wav').write_bytes(b'RIFF\x00\x00not really a wave file')
+    (root / 'notes.txt').write_text('not audio')
+    return root
+
+
+GOOD = {'a/tone16k': 'a/tone16k.wav', 'b/stereo44k': 'b/stereo44k.wav', 'b/c/deep8k': 'b/c/deep8k.flac'}
+BAD = {'silence.wav': 'digital silence', 'short.wav': 'shorter than one patch', 'corrupt.wav': 'cannot read audio'}
+
+
+@pytest.fixture(scope='module')
+def rt(tiny_ckpt):
+    return RuntimeM2D(weight_file=str(tiny_ckpt))
+
+
+def test_folder_clip_embeddings_and_failures(tiny_ckpt, rt, audio_dir, tmp_path):
+    out = tmp_path / 'emb'
+    report = encode_files(tiny_ckpt, audio_dir, out, batch_size=2, progress=False)
+    assert sorted(str(p.relative_to(out)) for p in report.encoded) == sorted(f'{g}.npy' for g in GOOD)
+    assert sorted(p.name for p, _ in report.failed) == sorted(BAD) and report.ok
+    for path, reason in report.failed:
+        assert BAD[path.name] in reason
+    for name in GOOD:
+        emb = np.load(out / f'{name}.npy')
+        expected = rt.get_scene_embeddings(torch.from_numpy(load_audio(audio_dir / GOOD[name]))[None])[0]
+        assert emb.shape == (960,) and emb.dtype == np.float32
+        np.testing.assert_allclose(emb, expected.numpy(), atol=1e-5, rtol=1e-5)
+    assert not (out / 'silence.npy').exists() and not (out / 'notes.npy').exists()
+
+
+def test_frames_and_batch_size_independence(tiny_ckpt, rt, audio_dir, tmp_path):
+    one = encode_files(tiny_ckpt, audio_dir, tmp_path / 'one', frames=True, batch_size=1, progress=False)
+    many = encode_files(tiny_ckpt, audio_dir, tmp_path / 'many', frames=True, batch_size=8, progress=False)
+    assert len(one.encoded) == len(many.encoded) == 3
+    for name in GOOD:
+        a, b = np.load(tmp_path / 'one' / f'{name}.npy'), np.load(tmp_path / 'many' / f'{name}.npy')
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    wav = load_audio(audio_dir / 'b' / 'c' / 'deep8k.flac')
+    frames = np.load(tmp_path / 'many' / 'b' / 'c' / 'deep8k.npy')
+    assert frames.shape == (math.ceil((1 + len(wav) // 160) / 16), 960)
+    np.testing.assert_allclose(frames, rt.encode(torch.from_numpy(wav)[None])[0].numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_single_file_and_skip_existing(tiny_ckpt, audio_dir, tmp_path):
+    src = audio_dir / 'b' / 'stereo44k.wav'
+    report = encode_files(tiny_ckpt, src, tmp_path / 'out', progress=False)
+    assert report.encoded == [tmp_path / 'out' / 'stereo44k.npy']
+    target = tmp_path / 'named.npy'
+    assert encode_files(tiny_ckpt, src, target, progress=False).encoded == [target]
+    np.save(target, np.zeros(3, np.float32))  # an existing output is kept ...
+    again = encode_files(tiny_ckpt, src, target, progress=False)
+    assert again.skipped == [target] and not again.encoded and again.ok and np.load(target).shape == (3,)
+    redone = encode_files(tiny_ckpt, src, target, overwrite=True, progress=False)  # ... unless overwrite
+    assert redone.encoded == [target] and np.load(target).shape == (960,)
+
+
+def test_norm_options(tiny_ckpt, rt, audio_dir, tmp_path):
+    fixed = encode_files(tiny_ckpt, audio_dir, tmp_path / 'fixed', norm_stats=(-8.0, 3.0), progress=False)
+    assert len(fixed.encoded) == 4  # digital silence is encodable with fixed statistics
+    lms = rt.to_feature(torch.from_numpy(load_audio(audio_dir / 'a' / 'tone16k.wav'))[None])
+    expected = rt.encode_lms((lms + 8.0) / 3.0).mean(dim=1)[0]
+    np.testing.assert_allclose(np.load(tmp_path / 'fixed' / 'a' / 'tone16k.npy'), expected, atol=1e-5, rtol=1e-5)
+
+    data = encode_files(tiny_ckpt, audio_dir, tmp_path / 'data', dataset_norm=True, progress=False)
+    readable = [p for p in audio_dir.rglob('*') if p.suffix in ('.wav', '.flac') and p.name != 'corrupt.wav'
+                and p.name != 'short.wav']
+    values = torch.cat([rt.to_feature(torch.from_numpy(load_audio(p))[None]).flatten() for p in readable]).double()
+    np.testing.assert_allclose(data.norm_stats, (values.mean().item(), values.std(unbiased=False).item()), rtol=1e-6)
+    assert sorted(p.name for p, _ in data.failed) == ['corrupt.wav', 'short.wav'] and len(data.encoded) == 4
+    with pytest.raises(ValueError, match='not both'):
+        encode_files(tiny_ckpt, audio_dir, tmp_path / 'x', norm_stats=(0.0, 1.0), dataset_norm=True)
+    with pytest.raises(FileNotFoundError, match='input not found'):
+        encode_files(tiny_ckpt, tmp_path / 'nowhere', tmp_path / 'x')
+
+
+def test_command_line(tiny_ckpt, audio_dir, tmp_path, capsys):
+    out = tmp_path / 'cli'
+    assert main(['encode', str(tiny_ckpt), str(audio_dir), str(out), '--frames', '--batch_size', '2',
+                 '--norm_stats', '-8', '3']) == 0
+    printed = capsys.readouterr().out
+    assert 'encoded 4, skipped 0' in printed and 'FAILED' in printed and 'corrupt.wav' in printed
+    assert np.load(out / 'a' / 'tone16k.npy').shape == (8, 960)
+    assert main(['encode', str(tiny_ckpt), str(audio_dir), str(out)]) == 0  # everything exists: skipped
+    assert 'skipped 4' in capsys.readouterr().out
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    (bad / 'x.wav').write_bytes(b'junk')
+    assert main(['encode', str(tiny_ckpt), str(bad), str(tmp_path / 'o')]) == 1
+    assert 'x.wav' in capsys.readouterr().out
+    (tmp_path / 'empty').mkdir()
+    assert main(['encode', str(tiny_ckpt), str(tmp_path / 'empty'), str(tmp_path / 'o')]) == 1
+    assert 'no .wav/.flac/.ogg files found' in capsys.readouterr().out
