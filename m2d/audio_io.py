@@ -30,6 +30,22 @@ def resample_like_librosa(wav: np.ndarray, sr: int, sample_rate: int) -> np.ndar
     return out.astype(np.float32, copy=False)
 
 
+def mix_to_mono(wav: np.ndarray) -> np.ndarray:
+    """float32 [S, C] -> [S], bit for bit the channel mean librosa.to_mono computes (np.mean over C).
+
+    numpy sums fewer than 8 values one after another, so adding channel by channel gives the same
+    bits some 30x faster than its strided reduction; with 8 or more channels numpy sums pairwise,
+    so those use np.mean itself.
+    """
+    channels = wav.shape[1]
+    if channels >= 8:
+        return wav.T.mean(axis=0)
+    mono = wav[:, 0].copy()
+    for c in range(1, channels):
+        mono += wav[:, c]
+    return mono / np.float32(channels) if channels > 1 else mono
+
+
 def load_audio(path: Union[str, Path], sample_rate: int = 16000) -> np.ndarray:
     """Read any soundfile-readable file -> mono float32 [S] at `sample_rate`, S = ceil(S_file * sample_rate / sr).
 
@@ -43,7 +59,7 @@ def load_audio(path: Union[str, Path], sample_rate: int = 16000) -> np.ndarray:
         raise AudioReadError(f'{path}: cannot read audio ({e})') from e
     if wav.shape[0] == 0:
         raise AudioReadError(f'{path}: the file holds no audio samples')
-    wav = wav.T.mean(axis=0)  # [C, S] -> [S], the reduction librosa.to_mono does
+    wav = mix_to_mono(wav)
     if not np.isfinite(wav).all():
         raise AudioReadError(f'{path}: the audio holds NaN or inf samples')
     return np.ascontiguousarray(resample_like_librosa(wav, sr, sample_rate))

@@ -224,7 +224,7 @@ def write_file_list(lms_dirs: Union[PathLike, Sequence[PathLike]], csv_path: Pat
 
 def main(src: str, dst: str, suffix: str = '.wav', workers: Optional[int] = None, csv: Optional[str] = None,
          data_path: str = 'data', min_length: float = 0.0, verbose: bool = False) -> None:
-    """Convert audio below SRC to LMS .npy files below DST (see the module docstring).
+    """Convert audio below SRC to LMS .npy files below DST (README: Preparing pre-training data).
 
     --suffix: source file ending (default .wav); --workers: processes (default: all cores);
     --csv PATH: also write the pre-training file list of every .npy below DST, relative to --data_path

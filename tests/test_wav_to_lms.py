@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from m2d.audio_io import AudioReadError, load_audio
+from m2d.audio_io import AudioReadError, load_audio, mix_to_mono
 from m2d.lms import EPS, LogMelSpectrogram
 from m2d.runtime_audio import RuntimeM2D
 from m2d.wav_to_lms import convert_folder, main, write_file_list
@@ -60,6 +60,14 @@ def test_load_audio_equals_librosa_load(tmp_path, sr, channels, subtype):
         ours, ref = load_audio(path), librosa.load(path, sr=16000, mono=True)[0]
         assert ours.dtype == ref.dtype == np.float32
         assert ours.shape == ref.shape and np.array_equal(ours, ref)
+
+
+@pytest.mark.parametrize('channels', [1, 2, 3, 7, 8, 9])
+def test_mix_to_mono_equals_librosa(channels):
+    import librosa
+    wav = (np.random.default_rng(channels).standard_normal((5000, channels))
+           * np.geomspace(1e-3, 1, channels)).astype(np.float32)
+    assert np.array_equal(mix_to_mono(wav), librosa.to_mono(wav.T))
 
 
 def test_load_audio_rejects_nan(tmp_path):
