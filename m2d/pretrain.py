@@ -34,7 +34,7 @@ from util.schedules import scaled_lr
 from .data import SpectrogramDataset, check_files, compute_norm_stats, load_vis_samples, read_file_list
 from .engine_pretrain import NonFiniteLossError, Precision, Schedule, train_one_epoch
 from .models_mae import MODELS, MaskedAutoencoderViT, create_model
-from .runtime_audio import extract_state_dict, load_state_strict
+from .runtime_audio import FOLDER_NAME_FORMAT, extract_state_dict, load_state_strict, parse_sizes_by_name
 from .visualize import save_mask_figure
 
 
@@ -345,6 +345,11 @@ def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> 
         out.mkdir(parents=True, exist_ok=True)
     with tee_stdout(out / 'console.txt' if info.is_main else None):
         print_fn(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {" ".join(sys.argv)}')
+        try:
+            parse_sizes_by_name(out.resolve().name)
+        except ValueError:
+            print_fn(f'Note: the run folder name {out.resolve().name!r} does not follow {FOLDER_NAME_FORMAT}; '
+                     'RuntimeM2D and the evaluation scripts will need the model and sizes given explicitly')
         try:
             files, args.norm_stats = prepare_data(args, info, print_fn)
         except (ValueError, FileNotFoundError) as e:
