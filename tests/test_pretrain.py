@@ -232,3 +232,16 @@ def test_msm_mae_script(tmp_path):
     assert not any(k.startswith('target') for k in ckpt['model']) and ckpt['args'].norm_pix_loss is False
     assert 'ema' not in (out / 'console.txt').read_text().split('Epoch [1/1]')[1]
     assert (out / 'vis-1.png').is_file()
+
+
+def test_gradient_accumulation_and_run_folder_suffix(lms_data, tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    argv = tiny_argv(lms_data, '', '--epochs', '1', '--batch_size', '4', '--accum_iter', '2')
+    first = run(argv).output_dir
+    second = run(argv).output_dir  # never overwrites an earlier run's checkpoints
+    assert second.name == first.name + '-2'
+    ckpt = load_checkpoint(second / 'checkpoint-1.pth')
+    assert ckpt['args'].eff_batch_size == 8 and ckpt['args'].lr == pytest.approx(3e-4 * 8 / 256)
+    # 4 batches per epoch, one optimizer update per 2 of them.
+    assert {int(s['step']) for s in ckpt['optimizer']['state'].values()} == {2}
+    assert 'step [4/4]' in (second / 'console.txt').read_text()
