@@ -6,6 +6,8 @@ fold held out in turn as test). EVAR keeps them as `evar/metadata/<task>.csv` wi
 `work/16k/<task>/`; setting M2D_EVAL_DATA (or --data_root) to an EVAR checkout finds them there.
 """
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -62,7 +64,19 @@ def demo_spec(root: Union[str, Path] = DEMO_DIR) -> TaskSpec:
     if not (root / 'metadata.csv').exists():
         from m2d.synth import write_labelled_task
         print(f'Generating the demo task in {root} (once)', flush=True)
-        write_labelled_task(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        # Written aside and renamed into place, so concurrent evaluations never read a half-written task.
+        tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}.', dir=root.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the task folder is an ordinary one
+        write_labelled_task(tmp)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process got there first, or a stale folder is in the way
+            shutil.rmtree(tmp)
+        if not (root / 'metadata.csv').exists():
+            raise TaskError(f'{root} exists without metadata.csv; delete the folder to regenerate the demo task')
     return TaskSpec('demo', root / 'metadata.csv', root / 'audio', DEMO_SECONDS)
 
 
