@@ -31,7 +31,8 @@ from util import dist as distutil
 from util.checkpoint import load_checkpoint, save_atomic
 from util.schedules import scaled_lr
 
-from .data import SpectrogramDataset, check_files, compute_norm_stats, load_vis_samples, read_file_list
+from .data import (NORM_STATS_CROPS, SpectrogramDataset, check_files, compute_norm_stats, load_vis_samples,
+                   read_file_list)
 from .engine_pretrain import NonFiniteLossError, Precision, Schedule, train_one_epoch
 from .models_mae import MODELS, MaskedAutoencoderViT, create_model
 from .runtime_audio import FOLDER_NAME_FORMAT, extract_state_dict, load_state_strict, parse_sizes_by_name
@@ -280,19 +281,31 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.de
 
 def prepare_data(args: argparse.Namespace, info: distutil.DistInfo, print_fn: Callable[[str], None]
                  ) -> tuple[list[str], list[float]]:
-    """Check the listed files and settle the normalisation stats (on rank 0; shared with all ranks)."""
-    files, stats = None, args.norm_stats
+    """Check the listed files and settle the normalisation stats on rank 0, then share them (or the
+    error, so that every rank stops with the same message)."""
+    payload = None
     if info.is_main:
-        files = check_files(read_file_list(args.dataset), args.data_path, args.input_size[0], args.skip_missing)
-        print_fn(f'Dataset: {len(files)} files from {args.dataset} (data folder {args.data_path})')
-        if stats is None:
-            mean, std, n = compute_norm_stats(files, args.data_path, args.input_size[1], seed=args.seed)
-            stats = [mean, std]
-            print_fn(f'Normalisation stats from {n} random crops{" (all files: fewer than 10,000)" if n < 10_000 else ""}: '
-                     f'mean {mean:.4f}, std {std:.4f} (pass --norm_stats "[{mean:.4f}, {std:.4f}]" to reuse)')
-        else:
-            print_fn(f'Normalisation stats: mean {stats[0]}, std {stats[1]}')
-    return distutil.broadcast_object(files), distutil.broadcast_object(stats)
+        try:
+            payload = (*_prepare_data(args, print_fn), None)
+        except (ValueError, FileNotFoundError) as e:
+            payload = (None, None, str(e))
+    files, stats, error = distutil.broadcast_object(payload)
+    if error:
+        raise UsageError(error)
+    return files, stats
+
+
+def _prepare_data(args: argparse.Namespace, print_fn: Callable[[str], None]) -> tuple[list[str], list[float]]:
+    files = check_files(read_file_list(args.dataset), args.data_path, args.input_size[0], args.skip_missing)
+    print_fn(f'Dataset: {len(files)} files from {args.dataset} (data folder {args.data_path})')
+    if args.norm_stats is not None:
+        print_fn(f'Normalisation stats: mean {args.norm_stats[0]}, std {args.norm_stats[1]}')
+        return files, args.norm_stats
+    mean, std, n = compute_norm_stats(files, args.data_path, args.input_size[1], seed=args.seed)
+    fewer = ' (every file once: there are fewer files than that)' if n < NORM_STATS_CROPS else ''
+    print_fn(f'Normalisation stats from {n} random crops{fewer}: mean {mean:.4f}, std {std:.4f} '
+             f'(pass --norm_stats "[{mean:.4f}, {std:.4f}]" to reuse them)')
+    return files, [mean, std]
 
 
 @dataclass
@@ -350,10 +363,7 @@ def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> 
         except ValueError:
             print_fn(f'Note: the run folder name {out.resolve().name!r} does not follow {FOLDER_NAME_FORMAT}; '
                      'RuntimeM2D and the evaluation scripts will need the model and sizes given explicitly')
-        try:
-            files, args.norm_stats = prepare_data(args, info, print_fn)
-        except (ValueError, FileNotFoundError) as e:
-            raise UsageError(str(e)) from None
+        files, args.norm_stats = prepare_data(args, info, print_fn)
         try:
             result = _train(args, info, device, out, files, checkpoint, eval_dir, print_fn)
         except NonFiniteLossError as e:
@@ -391,7 +401,11 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
     optimizer = build_optimizer(args, raw_model, device)
     start_epoch = args.start_epoch
     if checkpoint is not None:
-        load_state_strict(raw_model, extract_state_dict(checkpoint, args.resume), f'{args.model} {args.input_size}')
+        try:
+            load_state_strict(raw_model, extract_state_dict(checkpoint, args.resume),
+                              f'--model {args.model} --input_size {args.input_size} --depth {args.depth}')
+        except ValueError as e:
+            raise UsageError(f'--resume {args.resume}: {e}') from None
         optimizer.load_state_dict(checkpoint['optimizer'])
         if checkpoint.get('scaler'):
             scaler.load_state_dict(checkpoint['scaler'])
