@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .embeddings import task_embeddings
+from .embeddings import parse_size, task_embeddings
 from .linear_probe import ProbeConfig, evaluate_probe
 from .results import DEFAULT_RESULTS, append_result
 from .tasks import TaskData, load_task, resolve_task
@@ -51,7 +51,11 @@ def linear_evaluation(weight: Union[str, Path], task: str, data_root: Optional[s
                                   cache_dir, runtime_settings)
     outcome = probe_task(emb, data, probe)
     options = f'layers={list(output_layers)} dataset_norm={dataset_norm} lr={probe.lr}'
-    row = dict(weight=str(weight), task=spec.name, metric=outcome['metric'], score=outcome['score'],
+    label = str(weight)
+    if label == 'random':  # one row per random architecture and seed, not one 'random' for all
+        size = 'x'.join(str(v) for v in parse_size(runtime_settings.get('input_size')) or [])
+        label = f"random-{runtime_settings.get('model')}-{size}-seed{seed}"
+    row = dict(weight=label, task=spec.name, metric=outcome['metric'], score=outcome['score'],
                seconds=round(time.time() - started, 1), mode='lineareval', options=options)
     if results is not None:
         row = append_result(results, **row)
