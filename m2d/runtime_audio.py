@@ -280,8 +280,14 @@ class RuntimeM2D(nn.Module):
     # ----- front end ------------------------------------------------------------------------------
 
     def to_feature(self, batch_audio: AudioLike) -> torch.Tensor:
-        """Audio [B, S] -> LMS [B, 1, n_mels, 1 + S // hop]."""
-        return self.to_spec(self.check_audio(batch_audio)).unsqueeze(1)
+        """Audio [B, S] -> LMS [B, 1, n_mels, 1 + S // hop], always in float32.
+
+        A caller's autocast is paused here: bfloat16 samples and STFT would bury quiet frequency
+        bins under rounding noise, and the log would magnify it.
+        """
+        audio = self.check_audio(batch_audio)
+        with torch.autocast(audio.device.type, enabled=False):
+            return self.to_spec(audio).unsqueeze(1)
 
     def normalize_batch(self, x: torch.Tensor, return_stats: bool = False):
         """(x - mean) / std over the whole batch; with return_stats also (mean, std)."""

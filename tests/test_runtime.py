@@ -106,6 +106,10 @@ def test_outer_autocast_takes_effect(rt, tiny_ckpt):
         outer, dtypes = _qkv_dtypes(rt, lambda: rt.encode_lms(lms))
     assert dtypes == {torch.bfloat16} and outer.dtype == torch.float32
     assert 0 < (outer - fp32).abs().max() < 0.1
+    audio = torch.rand(2, 16000) - 0.5
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # but the log-mel front end stays in float32
+        lms_autocast = rt.to_feature(audio)
+    assert lms_autocast.dtype == torch.float32 and torch.equal(lms_autocast, rt.to_feature(audio))
     own = RuntimeM2D(weight_file=str(tiny_ckpt), autocast_bf16=True)
     inner, dtypes = _qkv_dtypes(own, lambda: own.encode_lms(lms))
     assert dtypes == {torch.bfloat16} and 0 < (inner - fp32).abs().max() < 0.1
