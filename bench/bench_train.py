@@ -38,7 +38,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='m2d_vit_base', choices=sorted(MODELS))
     p.add_argument('--depth', default=None, type=int, help='encoder depth (default 12)')
-    p.add_argument('--decoder_depth', default=8, type=int)
+    p.add_argument('--decoder_depth', default=None, type=int, help="default: the model's (M2D 8, MSM-MAE 4)")
     p.add_argument('--input_size', default=[80, 608], type=parse_size)
     p.add_argument('--mask_ratio', default=0.7, type=float)
     p.add_argument('--batch', default=64, type=int)
@@ -58,9 +58,10 @@ def main() -> None:
         sys.exit('error: CUDA is not available; pass --device cpu')
 
     torch.manual_seed(0)
-    kwargs = dict(img_size=args.input_size, decoder_depth=args.decoder_depth, norm_pix_loss=True)
-    if args.depth:
-        kwargs['depth'] = args.depth
+    kwargs = dict(img_size=args.input_size, norm_pix_loss=True)
+    for name in ('depth', 'decoder_depth'):
+        if getattr(args, name):
+            kwargs[name] = getattr(args, name)
     model = create_model(args.model, **kwargs).to(device).train()
     cuda = device.type == 'cuda'
     params = [q for q in model.parameters() if q.requires_grad]
@@ -79,8 +80,8 @@ def main() -> None:
     net = torch.compile(model) if args.compile else model
     batch = torch.randn(args.batch, 1, *args.input_size, device=device)
 
-    def step() -> None:
-        forward_backward(net, batch, args.mask_ratio, precision, scaler)
+    def step(m: torch.nn.Module) -> None:
+        forward_backward(m, batch, args.mask_ratio, precision, scaler)
         optimizer_step(optimizer, scaler, params, clip_grad=3.0)
         ema(model, 0.9999)
 
@@ -88,15 +89,15 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
-        step()
-    with FlopCounterMode(display=False) as counter:
-        step()
+    with FlopCounterMode(display=False) as counter:  # counted on the eager model: the same math
+        step(model)
     flops = counter.get_total_flops()
+    for _ in range(args.warmup):
+        step(net)
     sync()
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        step(net)
     sync()
     elapsed = time.perf_counter() - t0
 

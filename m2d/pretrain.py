@@ -247,6 +247,16 @@ def start_eval_script(script: Path, checkpoint: Path, log_path: Path, wait: bool
 
 # ----- setup ---------------------------------------------------------------------------------------
 
+def validate_args(args: argparse.Namespace) -> None:
+    for name in ('batch_size', 'epochs', 'accum_iter', 'save_freq', 'print_freq'):
+        if getattr(args, name) < 1:
+            raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    if not 0 < args.mask_ratio < 1:
+        raise UsageError(f'--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}')
+    if args.num_workers < 0:
+        raise UsageError(f'--num_workers must be 0 or more, got {args.num_workers}')
+
+
 def resolve_device(name: str, local_rank: int) -> torch.device:
     device = torch.device(name)
     if device.type == 'cuda':
@@ -338,6 +348,7 @@ def main(args: argparse.Namespace, script_dir: Optional[Path] = None) -> RunResu
 
 
 def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> RunResult:
+    validate_args(args)
     device = resolve_device(args.device, info.local_rank)
     args.world_size = info.world_size
     print_fn = print if info.is_main else (lambda *_: None)
