@@ -83,19 +83,23 @@ def crop_or_pad(lms: np.ndarray, start: int, crop_frames: int) -> np.ndarray:
 
 
 def compute_norm_stats(files: Sequence[str], data_path: PathLike, crop_frames: int,
-                       n_crops: int = NORM_STATS_CROPS, seed: int = 0) -> tuple[float, float, int]:
+                       n_crops: int = NORM_STATS_CROPS, seed: int = 0, workers: int = 16) -> tuple[float, float, int]:
     """Mean and std (+eps) over up to n_crops random unnormalised crops (one per drawn file).
 
     Draws from its own generator, so it does not move the training RNG. -> (mean, std, crops used).
     """
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(files), size=min(n_crops, len(files)), replace=False)
-    total = total_sq = count = 0.0
-    for i in picks:
-        lms = np.load(Path(data_path) / files[i], mmap_mode='r')
+    positions = rng.random(len(picks))  # where each crop starts, as a fraction of the room there is
+
+    def moments(pick: int, position: float) -> tuple[float, float, int]:
+        lms = np.load(Path(data_path) / files[pick], mmap_mode='r')
         excess = lms.shape[-1] - crop_frames
-        x = crop_or_pad(lms, int(rng.integers(excess)) if excess > 0 else 0, crop_frames).astype(np.float64)
-        total, total_sq, count = total + x.sum(), total_sq + (x * x).sum(), count + x.size
+        x = crop_or_pad(lms, int(position * excess) if excess > 0 else 0, crop_frames).astype(np.float64)
+        return x.sum(), (x * x).sum(), x.size
+
+    with ThreadPoolExecutor(workers) as pool:  # file reads are I/O bound
+        total, total_sq, count = np.sum(list(pool.map(moments, picks, positions)), axis=0)
     mean = total / count
     std = max(total_sq / count - mean * mean, 0.0) ** 0.5
     return float(mean), float(std + EPS), len(picks)
