@@ -333,6 +333,30 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int,
                         'scaler': scaler.state_dict(), 'args': args, 'rng': rng_states}, path)
 
 
+def resume_from(checkpoint: dict, args: argparse.Namespace, info: distutil.DistInfo, model: nn.Module,
+                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, print_fn: Callable[[str], None]) -> int:
+    """Restore weights, optimizer, scaler and this rank's RNG from a checkpoint; -> epochs done."""
+    try:
+        load_state_strict(model, extract_state_dict(checkpoint, args.resume),
+                          f'--model {args.model} --input_size {args.input_size} --depth {args.depth}')
+    except ValueError as e:
+        raise UsageError(f'--resume {args.resume}: {e}') from None
+    if 'optimizer' not in checkpoint:  # e.g. released weights: continue from them with a fresh optimizer
+        print_fn(f'Note: {args.resume} holds weights only; the optimizer starts afresh at epoch {args.start_epoch}')
+        return args.start_epoch
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    if checkpoint.get('scaler'):
+        scaler.load_state_dict(checkpoint['scaler'])
+    states = checkpoint.get('rng') or []
+    if len(states) == info.world_size:
+        set_rng_state(states[info.rank])
+    else:
+        print_fn(f'Note: RNG states not restored (saved by {len(states)} processes, now {info.world_size})')
+    epochs_done = int(checkpoint['epoch'])
+    print_fn(f'Resumed from {args.resume}: {epochs_done} epochs done')
+    return epochs_done
+
+
 # ----- main ----------------------------------------------------------------------------------------
 
 def main(args: argparse.Namespace, script_dir: Optional[Path] = None) -> RunResult:
@@ -412,21 +436,7 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
     optimizer = build_optimizer(args, raw_model, device)
     start_epoch = args.start_epoch
     if checkpoint is not None:
-        try:
-            load_state_strict(raw_model, extract_state_dict(checkpoint, args.resume),
-                              f'--model {args.model} --input_size {args.input_size} --depth {args.depth}')
-        except ValueError as e:
-            raise UsageError(f'--resume {args.resume}: {e}') from None
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        if checkpoint.get('scaler'):
-            scaler.load_state_dict(checkpoint['scaler'])
-        start_epoch = int(checkpoint['epoch'])
-        states = checkpoint.get('rng') or []
-        if len(states) == info.world_size:
-            set_rng_state(states[info.rank])
-        else:
-            print_fn(f'Note: RNG states not restored (saved by {len(states)} processes, now {info.world_size})')
-        print_fn(f'Resumed from {args.resume}: {start_epoch} epochs done')
+        start_epoch = resume_from(checkpoint, args, info, raw_model, optimizer, scaler, print_fn)
 
     model = raw_model
     if info.distributed:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_lms_dataset
+from conftest import make_checkpoint, make_lms_dataset
 
 from m2d.engine_pretrain import Precision, Schedule, optimizer_step
 from m2d.models_mae import M2DViT
@@ -245,3 +245,10 @@ def test_gradient_accumulation_and_run_folder_suffix(lms_data, tmp_path, monkeyp
     # 4 batches per epoch, one optimizer update per 2 of them.
     assert {int(s['step']) for s in ckpt['optimizer']['state'].values()} == {2}
     assert 'step [4/4]' in (second / 'console.txt').read_text()
+
+
+def test_resume_from_weights_only(lms_data, tmp_path, capsys, one_thread):
+    weights = make_checkpoint(tmp_path, input_size=(80, 96), wrap=False, name='weights.pth')
+    result = run(tiny_argv(lms_data, tmp_path / 'run', '--epochs', '1', '--resume', str(weights)))
+    assert 'holds weights only; the optimizer starts afresh at epoch 0' in capsys.readouterr().out
+    assert load_checkpoint(result.output_dir / 'checkpoint-1.pth')['epoch'] == 1
