@@ -252,7 +252,8 @@ class RuntimeM2D(nn.Module):
             sr = self.cfg.sample_rate
             raise ValueError(f'audio of {audio.shape[1]} samples ({1000 * audio.shape[1] / sr:.0f} ms) is shorter '
                              f'than one patch ({self.cfg.patch_size[1]} frames = {self._min_samples()} samples at '
-                             f'{sr} Hz); pad it')
+                             f'{sr} Hz); pad it' + (f'. If [{audio.shape[0]}, {audio.shape[1]}] is [samples, channels], '
+                                                  'mix to mono first: audio.mean(1)' if audio.shape[0] > audio.shape[1] else ''))
         bad = ~torch.isfinite(audio).all(dim=1)
         if bad.any():
             raise ValueError(f'audio holds NaN or inf values (clips {bad.nonzero().flatten().tolist()[:10]})')

@@ -218,6 +218,7 @@ def test_missing_weight_file(tmp_path):
     (torch.zeros(2, 2, 16000), ValueError, 'mono'),
     (torch.zeros(2, 0), ValueError, 'empty'),
     (torch.zeros(1, 2000), ValueError, 'shorter than one patch'),
+    (np.zeros((16000, 2), np.float32), ValueError, r'is \[samples, channels\], mix to mono first'),
     (torch.tensor([[0.1] * 8000 + [float('nan')]]), ValueError, 'NaN or inf'),
     (torch.tensor([[0.1] * 8000 + [float('inf')]]), ValueError, 'NaN or inf'),
     (torch.zeros(1, 16000, dtype=torch.int16), TypeError, 'int16 / 32768'),
