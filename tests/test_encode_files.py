@@ -1,5 +1,7 @@
 """`python -m m2d encode` / m2d.encode_files: audio files -> .npy embeddings."""
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -122,3 +124,13 @@ def test_command_line(tiny_ckpt, audio_dir, tmp_path, capsys):
     (tmp_path / 'empty').mkdir()
     assert main(['encode', str(tiny_ckpt), str(tmp_path / 'empty'), str(tmp_path / 'o')]) == 1
     assert 'no .wav/.flac/.ogg files found' in capsys.readouterr().out
+
+
+def test_module_entry_point_and_usage_errors(capsys):
+    done = subprocess.run([sys.executable, '-m', 'm2d', 'encode', '--help'], capture_output=True, text=True)
+    assert done.returncode == 0 and 'usage: m2d encode' in done.stdout and '--dataset_norm' in done.stdout
+    for argv in ([], ['nope'], ['encode', 'only_weights']):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    assert 'usage: m2d' in capsys.readouterr().err
