@@ -113,8 +113,6 @@ def train_one_epoch(model: nn.Module, raw_model: nn.Module, loader: Iterable, op
     samples_since_print = 0
     optimizer.zero_grad(set_to_none=True)
     for it, samples in enumerate(loader):
-        if it >= n_iters:
-            break
         if it % accum_iter == 0:
             lr = schedule.lr_at(epoch, it)
             set_lr(optimizer, lr)

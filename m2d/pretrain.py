@@ -418,6 +418,7 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
     # A seeded per-epoch shuffle (set_epoch) for one process too: the order depends only on seed and epoch.
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
+    # Workers start afresh each epoch (not persistent), seeded from the main RNG: a resume stays exact.
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True)
     if len(loader) == 0:
