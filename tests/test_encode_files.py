@@ -33,13 +33,15 @@ def audio_dir(tmp_path):
     sf.write(root / 'b' / 'c' / 'deep8k.flac', tone(2.1, 8000, seed=2), 8000)
     sf.write(root / 'silence.wav', np.zeros((16000, 1), np.float32), 16000)
     sf.write(root / 'short.wav', tone(0.05, 16000), 16000)
+    sf.write(root / 'empty.wav', np.zeros((0, 1), np.float32), 16000)
     (root / 'corrupt.wav').write_bytes(b'RIFF\x00\x00not really a wave file')
     (root / 'notes.txt').write_text('not audio')
     return root
 
 
 GOOD = {'a/tone16k': 'a/tone16k.wav', 'b/stereo44k': 'b/stereo44k.wav', 'b/c/deep8k': 'b/c/deep8k.flac'}
-BAD = {'silence.wav': 'digital silence', 'short.wav': 'shorter than one patch', 'corrupt.wav': 'cannot read audio'}
+BAD = {'silence.wav': 'digital silence', 'short.wav': 'shorter than one patch', 'corrupt.wav': 'cannot read audio',
+       'empty.wav': 'no audio samples'}
 
 
 @pytest.fixture(scope='module')
@@ -96,11 +98,12 @@ def test_norm_options(tiny_ckpt, rt, audio_dir, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / 'fixed' / 'a' / 'tone16k.npy'), expected, atol=1e-5, rtol=1e-5)
 
     data = encode_files(tiny_ckpt, audio_dir, tmp_path / 'data', dataset_norm=True, progress=False)
-    readable = [p for p in audio_dir.rglob('*') if p.suffix in ('.wav', '.flac') and p.name != 'corrupt.wav'
-                and p.name != 'short.wav']
+    readable = [p for p in audio_dir.rglob('*') if p.suffix in ('.wav', '.flac')
+                and p.name not in ('corrupt.wav', 'empty.wav', 'short.wav')]
     values = torch.cat([rt.to_feature(torch.from_numpy(load_audio(p))[None]).flatten() for p in readable]).double()
     np.testing.assert_allclose(data.norm_stats, (values.mean().item(), values.std(unbiased=False).item()), rtol=1e-6)
-    assert sorted(p.name for p, _ in data.failed) == ['corrupt.wav', 'short.wav'] and len(data.encoded) == 4
+    assert sorted(p.name for p, _ in data.failed) == ['corrupt.wav', 'empty.wav', 'short.wav']
+    assert len(data.encoded) == 4
     with pytest.raises(ValueError, match='not both'):
         encode_files(tiny_ckpt, audio_dir, tmp_path / 'x', norm_stats=(0.0, 1.0), dataset_norm=True)
     with pytest.raises(FileNotFoundError, match='input not found'):
