@@ -68,6 +68,23 @@ def test_lineareval_end_to_end_with_results_row_and_cache(tiny_ckpt, task_csv, t
     assert 'small: accuracy' in capsys.readouterr().out and len(pd.read_csv(results)) == 3
 
 
+def test_evar_tasks_from_the_data_root(tiny_ckpt, task_csv, tmp_path, monkeypatch, one_thread):
+    """EVAR's layout below $M2D_EVAL_DATA: a split task (cremad) and a fold task (esc50, folds averaged)."""
+    root = tmp_path / 'evar'
+    (root / 'evar' / 'metadata').mkdir(parents=True)
+    (root / 'work' / '16k').mkdir(parents=True)
+    (root / 'evar' / 'metadata' / 'cremad.csv').write_text(task_csv.read_text())
+    (root / 'work' / '16k' / 'cremad').symlink_to(task_csv.parent / 'audio')
+    folds = write_labelled_task(tmp_path / 'f', n_per_class=(2, 1, 0), seconds=0.5, kinds=KINDS, folds=3)
+    (root / 'evar' / 'metadata' / 'esc50.csv').write_text(folds.read_text())
+    (root / 'work' / '16k' / 'esc50').symlink_to(folds.parent / 'audio')
+    monkeypatch.setenv('M2D_EVAL_DATA', str(root))
+    assert resolve_task('cremad').seconds == 2.5 and resolve_task('esc50').seconds == 5.0  # EVAR's clip lengths
+    rows = run_suite(tiny_ckpt, 'all', tasks=['cremad', 'esc50', 'gtzan'], results=tmp_path / 'scores.csv')
+    assert [r['task'] for r in rows] == ['cremad', 'esc50']  # gtzan has no data: skipped
+    assert len(rows[1]['folds']) == 3 and rows[1]['score'] == pytest.approx(np.mean(rows[1]['folds']), abs=1e-6)
+
+
 def test_random_weights_need_model_and_size(task_csv, one_thread):
     with pytest.raises(ValueError, match='--model and --input_size'):
         linear_evaluation('random', str(task_csv), results=None)
