@@ -43,11 +43,15 @@ class FinetuneConfig:
 
 
 class FinetuneModel(nn.Module):
-    """Audio [B, S] -> LMS normalised with dataset stats -> (augmented in training) -> M2D -> mean -> Linear -> logits [B, C]."""
+    """Audio [B, S] -> LMS normalised with dataset stats -> (augmented in training) -> M2D -> mean -> Linear -> logits [B, C].
 
-    def __init__(self, runtime: RuntimeM2D, n_classes: int, stats: tuple[float, float], cfg: FinetuneConfig):
+    bf16: run the encoder and head under bfloat16 autocast (the log-mel front end stays float32).
+    """
+
+    def __init__(self, runtime: RuntimeM2D, n_classes: int, stats: tuple[float, float], cfg: FinetuneConfig,
+                 bf16: bool = False):
         super().__init__()
-        self.runtime, self.stats, self.cfg = runtime, stats, cfg
+        self.runtime, self.stats, self.cfg, self.bf16 = runtime, stats, cfg, bf16
         self.head = nn.Linear(runtime.cfg.feature_d, n_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # a near-zero head keeps early gradients for the encoder small
         nn.init.zeros_(self.head.bias)
@@ -56,7 +60,8 @@ class FinetuneModel(nn.Module):
         lms = normalize(self.runtime, self.runtime.to_feature(audio), self.stats)
         if self.training:
             lms = augment_lms(lms, self.cfg.freq_mask, self.cfg.time_mask, self.cfg.rrc)
-        return self.head(self.runtime.encode_lms(lms).mean(dim=1))
+        with torch.autocast(lms.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.head(self.runtime.encode_lms(lms).mean(dim=1)).float()
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -75,13 +80,12 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimiz
 
 
 @torch.no_grad()
-def predict(model: FinetuneModel, loader, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: FinetuneModel, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (logits [N, C], targets [N] or [N, C]) of a whole loader, in eval mode."""
     model.eval()
     logits, targets = [], []
-    device = model.runtime.device
     for audio, y in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits.append(model(audio.to(device)).float().cpu())
+        logits.append(model(audio.to(model.runtime.device)).cpu())
         targets.append(y)
     return torch.cat(logits), torch.cat(targets)
 
@@ -99,6 +103,8 @@ def finetune(weight: Union[str, Path], task: str, cfg: FinetuneConfig = Finetune
              device: Optional[str] = None, **runtime_settings) -> dict:
     """Fine-tune `weight` on `task` (fold tasks: hold out `fold`); append the test score to `results` and return the row."""
     started = time.time()
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError(f'fine-tuning needs epochs >= 1 and batch_size >= 1 (got {cfg.epochs}, {cfg.batch_size})')
     spec = resolve_task(task, data_root, audio_root, seconds)
     data = load_task(spec)
     index = data.indices(fold, seed=cfg.seed) if data.fold is not None else data.indices()
@@ -106,11 +112,11 @@ def finetune(weight: Union[str, Path], task: str, cfg: FinetuneConfig = Finetune
     torch.manual_seed(cfg.seed)
     stats = norm_stats(runtime, clip_loader([data.files[i] for i in index['train']], spec.seconds, cfg.batch_size,
                                             num_workers))
-    model = FinetuneModel(runtime, len(data.classes), stats, cfg).to(runtime.device)
+    bf16 = runtime.device.type == 'cuda' and torch.cuda.is_bf16_supported()
+    model = FinetuneModel(runtime, len(data.classes), stats, cfg, bf16).to(runtime.device)
     train = _loader(data, index['train'], cfg.batch_size, True, num_workers)
     valid, test = (_loader(data, index[s], cfg.batch_size, False, num_workers) for s in ('valid', 'test'))
     opt = make_optimizer(model, cfg)
-    autocast = runtime.device.type == 'cuda' and torch.cuda.is_bf16_supported()
     total, warmup = cfg.epochs * len(train), cfg.warmup_epochs * len(train)
     best, best_state, since_best, step = -1.0, None, 0, 0
     for epoch in range(cfg.epochs):
@@ -119,9 +125,8 @@ def finetune(weight: Union[str, Path], task: str, cfg: FinetuneConfig = Finetune
             for group in opt.param_groups:
                 group['lr'] = lr_at(step, total, warmup, cfg.lr)
             audio, target = audio.to(runtime.device), one_hot(y, len(data.classes), data.multi_label).to(runtime.device)
-            with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=autocast):
-                audio, target = mixup(audio, target, cfg.mixup)  # mixed waveforms, mixed targets
-                logits = model(audio).float()
+            audio, target = mixup(audio, target, cfg.mixup)  # mixed waveforms, mixed targets
+            logits = model(audio)
             loss = (F.binary_cross_entropy_with_logits(logits, target) if data.multi_label
                     else torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean())
             if not torch.isfinite(loss):
@@ -130,7 +135,7 @@ def finetune(weight: Union[str, Path], task: str, cfg: FinetuneConfig = Finetune
             loss.backward()
             opt.step()
             step += 1
-        valid_score = score(*predict(model, valid, autocast), data.multi_label)
+        valid_score = score(*predict(model, valid), data.multi_label)
         if valid_score > best:
             best, best_state, since_best = valid_score, copy.deepcopy(model.state_dict()), 0
         else:
@@ -138,7 +143,7 @@ def finetune(weight: Union[str, Path], task: str, cfg: FinetuneConfig = Finetune
             if 0 < cfg.early_stop <= since_best:
                 break
     model.load_state_dict(best_state)
-    test_score = score(*predict(model, test, autocast), data.multi_label)
+    test_score = score(*predict(model, test), data.multi_label)
     options = ' '.join(f'{k}={v}' for k, v in asdict(cfg).items())
     row = dict(weight=str(weight), task=spec.name, metric='mAP' if data.multi_label else 'accuracy',
                score=test_score, seconds=round(time.time() - started, 1), mode='finetune', options=options)
