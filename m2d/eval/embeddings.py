@@ -35,16 +35,22 @@ def parse_size(value: Union[str, Sequence[int], None]) -> Optional[list[int]]:
     return [int(v) for v in value]
 
 
+def check_weight(weight: Union[str, Path], model: str = '', input_size=None) -> None:
+    """A checkpoint file that exists, or 'random' with the model and input size to build."""
+    if str(weight) == 'random':
+        if not (model and input_size):
+            raise ValueError("weight 'random' needs --model and --input_size, e.g. --model m2d_vit_base --input_size 80x608")
+    elif not Path(weight).is_file():
+        raise FileNotFoundError(f'weight file not found: {weight}')
+
+
 def make_runtime(weight: Union[str, Path], device: Optional[Union[str, torch.device]] = None, seed: int = 0,
                  model: str = '', input_size=None, patch_size=None, **settings) -> RuntimeM2D:
     """RuntimeM2D for a checkpoint path, or for 'random' weights of `model` (seeded) at input_size/patch_size."""
+    check_weight(weight, model, input_size)
     weight = str(weight)
     if weight == 'random':
-        if not (model and input_size):
-            raise ValueError("weight 'random' needs --model and --input_size, e.g. --model m2d_vit_base --input_size 80x608")
         patch_size = patch_size or [16, 16]
-    elif not Path(weight).is_file():
-        raise FileNotFoundError(f'weight file not found: {weight}')
     torch.manual_seed(seed)
     runtime = RuntimeM2D(weight_file=weight, model=model, input_size=parse_size(input_size),
                          patch_size=parse_size(patch_size), **settings)
@@ -163,6 +169,7 @@ def task_embeddings(weight: Union[str, Path], task: TaskData, output_layers: Seq
     cache_dir: default $M2D_EVAL_CACHE or work/eval_cache; '' disables the cache.
     """
     runtime_settings = dict(runtime_settings or {})
+    check_weight(weight, runtime_settings.get('model', ''), runtime_settings.get('input_size'))
     options = dict(output_layers=[int(i) for i in output_layers], dataset_norm=dataset_norm,
                    batch_size=None if dataset_norm else batch_size, **runtime_settings)
     if str(weight) == 'random':
