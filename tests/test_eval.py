@@ -85,9 +85,11 @@ def test_evar_tasks_from_the_data_root(tiny_ckpt, task_csv, tmp_path, monkeypatc
     assert len(rows[1]['folds']) == 3 and rows[1]['score'] == pytest.approx(np.mean(rows[1]['folds']), abs=1e-6)
 
 
-def test_random_weights_need_model_and_size(task_csv, one_thread):
+def test_weight_errors(task_csv, tmp_path):
     with pytest.raises(ValueError, match='--model and --input_size'):
         linear_evaluation('random', str(task_csv), results=None)
+    with pytest.raises(SystemExit, match='weight file not found: .*no-such.pth'):
+        main(['lineareval', str(tmp_path / 'no-such.pth'), str(task_csv)])
 
 
 def _blobs(rng, n_per_class, n_classes, dim=8):
