@@ -43,7 +43,7 @@ class TaskSpec:
     seconds: float
 
 
-def data_root(root: Optional[Union[str, Path]] = None) -> Optional[Path]:
+def evar_data_root(root: Optional[Union[str, Path]] = None) -> Optional[Path]:
     """The EVAR data root: `root`, else $M2D_EVAL_DATA, else None."""
     root = root or os.environ.get(DATA_ROOT_ENV)
     return Path(root).expanduser() if root else None
@@ -51,7 +51,7 @@ def data_root(root: Optional[Union[str, Path]] = None) -> Optional[Path]:
 
 def evar_spec(name: str, root: Optional[Union[str, Path]] = None) -> TaskSpec:
     """EVAR's layout below the data root: evar/metadata/<task>.csv and work/16k/<task>/."""
-    base = data_root(root)
+    base = evar_data_root(root)
     if base is None:
         raise TaskError(f'task {name!r} is an EVAR task: set {DATA_ROOT_ENV} (or --data_root) to the EVAR folder '
                         f'holding evar/metadata/{name}.csv and work/16k/{name}/')
@@ -70,11 +70,14 @@ def demo_spec(root: Union[str, Path] = DEMO_DIR) -> TaskSpec:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the task folder is an ordinary one
-        write_labelled_task(tmp)
         try:
-            os.rename(tmp, root)
-        except OSError:  # another process got there first, or a stale folder is in the way
-            shutil.rmtree(tmp)
+            write_labelled_task(tmp)
+            try:
+                os.rename(tmp, root)
+            except OSError:  # another process got there first, or a stale folder is in the way
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         if not (root / 'metadata.csv').exists():
             raise TaskError(f'{root} exists without metadata.csv; delete the folder to regenerate the demo task')
     return TaskSpec('demo', root / 'metadata.csv', root / 'audio', DEMO_SECONDS)
@@ -96,13 +99,13 @@ def csv_spec(path: Union[str, Path], audio_root: Optional[Union[str, Path]] = No
     return spec
 
 
-def resolve_task(task: str, data_root_: Optional[Union[str, Path]] = None, audio_root: Optional[str] = None,
+def resolve_task(task: str, data_root: Optional[Union[str, Path]] = None, audio_root: Optional[str] = None,
                  seconds: Optional[float] = None) -> TaskSpec:
     """A task name ('demo' or an EVAR task) or a metadata CSV path -> TaskSpec."""
     if task == 'demo':
         return demo_spec()
     if task in EVAR_TASKS:
-        spec = evar_spec(task, data_root_)
+        spec = evar_spec(task, data_root)
         return TaskSpec(spec.name, spec.metadata, Path(audio_root or spec.audio_root), seconds or spec.seconds)
     if task.endswith('.csv') or Path(task).is_file():
         if not Path(task).is_file():
