@@ -4,9 +4,11 @@
 2. convert it to log-mel spectrograms with wav_to_lms.py and list it in a CSV,
 3. pre-train a small M2D with train_audio.py,
 4. encode audio with RuntimeM2D from the resulting checkpoint,
-5. linear-evaluate the checkpoint on a labelled demo task, next to the same architecture with random weights.
+5. linear-evaluate it on a labelled demo task (all_eval.sh, which train_audio.py runs at the end), next to
+   the same architecture with random weights.
 
-Each step runs the command a user would type (printed before it runs); everything goes below --out.
+Each step runs the command a user would type (printed before it runs). Corpus, LMS and the training run go
+below --out; the demo task goes to data/demo_task and the scores to results/, where the evaluator keeps them.
 Usage: python -m m2d.demo [--out demo_run] [--epochs 40] [--n_files 400]
 """
 import argparse
@@ -16,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
+from m2d.audio_io import load_audio
+from m2d.eval.results import DEFAULT_RESULTS, short_weight, summary_table
 from m2d.models_mae import create_model
 from m2d.runtime_audio import RuntimeM2D
-from m2d.synth import write_corpus, write_labelled_task
+from m2d.synth import write_corpus
 from util.checkpoint import save_atomic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,6 +56,7 @@ def main(argv=None) -> None:
     parser.add_argument('--batch_size', type=int, default=32)
     parser.add_argument('--depth', type=int, default=4, help='encoder blocks of the demo M2D (published: 12)')
     parser.add_argument('--decoder_depth', type=int, default=2)
+    parser.add_argument('--blr', type=float, default=3e-3, help='base learning rate (lr = blr * batch / 256)')
     args = parser.parse_args(argv)
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     model, input_size = 'm2d_vit_tiny', '80x208'
@@ -61,8 +64,6 @@ def main(argv=None) -> None:
 
     print(f'[1/5] Generating {args.n_files} demo clips (random events, lengths, sample rates, channels)')
     write_corpus(out / 'audio', args.n_files, seed=0)
-    print(f'[1/5] Generating the labelled demo task')
-    task_csv = write_labelled_task(out / 'task', seed=1)
 
     print('\n[2/5] Converting the corpus to log-mel spectrograms')
     data = out / 'data'
@@ -79,29 +80,34 @@ def main(argv=None) -> None:
                '--decoder_depth', str(args.decoder_depth), '--input_size', input_size,
                '--batch_size', str(args.batch_size), '--epochs', str(args.epochs),
                '--warmup_epochs', str(max(1, args.epochs // 10)), '--save_freq', str(args.epochs),
-               '--eval_after', str(args.epochs + 1), '--blr', '1e-3', '--device', 'cpu', '--num_workers', '1',
+               '--eval_after', str(args.epochs + 1), '--blr', str(args.blr),
+               # A run of a few hundred steps needs a target network that moves (published: 0.99995 -> 0.99999).
+               '--ema_decay_init', '0.995', '--ema_decay', '0.999', '--device', 'cpu', '--num_workers', '1',
                '--data_path', str(data), '--dataset', str(data / 'files_demo.csv'), '--output_dir', str(run_dir)))
     checkpoint = run_dir / f'checkpoint-{args.epochs}.pth'
 
     print('\n[4/5] Encoding audio with RuntimeM2D from the checkpoint')
     runtime = RuntimeM2D(weight_file=str(checkpoint))
-    clip = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, 3 * 16000).astype(np.float32))
-    frames = runtime.encode(clip[None])
-    print(f'RuntimeM2D(weight_file={str(checkpoint)!r}).encode(3 s of audio) -> {list(frames.shape)}')
+    wav = sorted((out / 'audio').rglob('*.wav'))[0]
+    audio = torch.from_numpy(load_audio(wav))[None]
+    frames = runtime.encode(audio)
+    print(f'RuntimeM2D(weight_file={str(checkpoint)!r})')
+    print(f'  .encode({wav.name}: {list(audio.shape)} samples) -> frame features {list(frames.shape)}; '
+          f'clip embedding {list(frames.mean(dim=1).shape)}')
 
-    print('\n[5/5] Linear evaluation on the demo task')
+    print('\n[5/5] Linear evaluation on the demo task: the pre-trained checkpoint was evaluated by all_eval.sh '
+          'above; now the same architecture with random weights')
     baseline = save_random_init(model, input_size, args.depth, args.decoder_depth, out / 'runs')
-    results = out / 'results.csv'
-    for weight in (checkpoint, baseline):
-        run(python('-m', 'm2d.eval', 'lineareval', str(weight), str(task_csv), '--results', str(results)))
-    scores = pd.read_csv(results).drop_duplicates('weight', keep='last').set_index('weight')['score']
-    print(f'\nDemo finished in {(time.time() - started) / 60:.1f} min. Outputs below {out}:')
+    run(python('-m', 'm2d.eval', 'lineareval', str(baseline), 'demo'))
+    scores = summary_table(REPO / DEFAULT_RESULTS, weights=[str(checkpoint), str(baseline)])['demo']
+    trained, untrained = scores[short_weight(str(checkpoint))], scores[short_weight(str(baseline))]
+    print(f'\nDemo finished in {(time.time() - started) / 60:.1f} min. Outputs:')
     print(f'  corpus {out / "audio"}, LMS {data / "lms"}, file list {data / "files_demo.csv"}')
-    print(f'  pre-training run {run_dir} (checkpoint, log.txt, TensorBoard, mask pictures)')
-    print(f'  labelled task {task_csv}, results {results}')
-    print(f'Linear-evaluation accuracy on the demo task ({model}, depth {args.depth}):')
-    print(f'  pre-trained M2D : {100 * scores[str(checkpoint)]:.1f}%')
-    print(f'  random weights  : {100 * scores[str(baseline)]:.1f}%')
+    print(f'  pre-training run {run_dir} (checkpoint, log.txt, console.txt, TensorBoard, mask pictures)')
+    print(f'  demo task {REPO / "data" / "demo_task"}, scores {REPO / DEFAULT_RESULTS}')
+    print(f'Linear-evaluation accuracy on the demo task (8 classes, chance 12.5%; {model}, {args.depth} blocks):')
+    print(f'  pre-trained M2D : {trained:.1f}%')
+    print(f'  random weights  : {untrained:.1f}%')
 
 
 if __name__ == '__main__':
