@@ -9,7 +9,7 @@
 
 Each step runs the command a user would type (printed before it runs). Corpus, LMS and the training run go
 below --out; the demo task goes to data/demo_task and the scores to results/, where the evaluator keeps them.
-Usage: python -m m2d.demo [--out demo_run] [--epochs 40] [--n_files 400]
+Usage: python -m m2d.demo [--out demo_run] [--epochs 60] [--n_files 800]
 """
 import argparse
 import shlex
@@ -51,12 +51,12 @@ def save_random_init(model: str, input_size: str, depth: int, decoder_depth: int
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='demo_run', help='folder for everything the demo writes')
-    parser.add_argument('--n_files', type=int, default=400, help='clips in the unlabelled corpus')
-    parser.add_argument('--epochs', type=int, default=40)
+    parser.add_argument('--n_files', type=int, default=800, help='clips in the unlabelled corpus')
+    parser.add_argument('--epochs', type=int, default=60)
     parser.add_argument('--batch_size', type=int, default=32)
     parser.add_argument('--depth', type=int, default=4, help='encoder blocks of the demo M2D (published: 12)')
     parser.add_argument('--decoder_depth', type=int, default=2)
-    parser.add_argument('--blr', type=float, default=3e-3, help='base learning rate (lr = blr * batch / 256)')
+    parser.add_argument('--blr', type=float, default=1e-2, help='base learning rate (lr = blr * batch / 256)')
     args = parser.parse_args(argv)
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     model, input_size = 'm2d_vit_tiny', '80x208'
