@@ -7,11 +7,12 @@
 5. linear-evaluate it on a labelled demo task (all_eval.sh, which train_audio.py runs at the end), next to
    the same architecture with random weights.
 
-Each step runs the command a user would type (printed before it runs). Corpus, LMS and the training run go
-below --out; the demo task goes to data/demo_task and the scores to results/, where the evaluator keeps them.
+Each step runs the command a user would type (printed before it runs). Everything goes below --out: the
+evaluator is pointed there by M2D_EVAL_DEMO (the demo task), M2D_EVAL_RESULTS (scores) and M2D_EVAL_CACHE.
 Usage: python -m m2d.demo [--out demo_run] [--epochs 60] [--n_files 800]
 """
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -21,7 +22,9 @@ from pathlib import Path
 import torch
 
 from m2d.audio_io import load_audio
-from m2d.eval.results import DEFAULT_RESULTS, short_weight, summary_table
+from m2d.eval.results import RESULTS_ENV, short_weight, summary_table
+from m2d.eval.embeddings import CACHE_ENV
+from m2d.eval.tasks import DEMO_DIR_ENV
 from m2d.models_mae import create_model
 from m2d.runtime_audio import RuntimeM2D
 from m2d.synth import write_corpus
@@ -30,10 +33,10 @@ from util.checkpoint import save_atomic
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str], env: dict[str, str]) -> None:
     """Print a command as a user would type it, run it from the repository root, stop on failure."""
     print(f'\n$ {shlex.join(cmd)}', flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
+    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, **env})
 
 
 def python(*args: str) -> list[str]:
@@ -60,6 +63,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     model, input_size = 'm2d_vit_tiny', '80x208'
+    results = out / 'results' / 'scores.csv'
+    env = {DEMO_DIR_ENV: str(out / 'demo_task'), RESULTS_ENV: str(results), CACHE_ENV: str(out / 'eval_cache')}
+    print('Evaluation outputs go below --out: ' + ' '.join(f'{k}={v}' for k, v in env.items()))
     started = time.time()
 
     print(f'[1/5] Generating {args.n_files} demo clips (random events, lengths, sample rates, channels)')
@@ -68,7 +74,7 @@ def main(argv=None) -> None:
     print('\n[2/5] Converting the corpus to log-mel spectrograms')
     data = out / 'data'
     run(python('wav_to_lms.py', str(out / 'audio'), str(data / 'lms'), '--csv', str(data / 'files_demo.csv'),
-               '--data_path', str(data)))
+               '--data_path', str(data)), env)
     vis = data / 'vis_samples'
     vis.mkdir(exist_ok=True)
     for path in sorted((data / 'lms').rglob('*.npy'))[:2]:
@@ -83,7 +89,7 @@ def main(argv=None) -> None:
                '--eval_after', str(args.epochs + 1), '--blr', str(args.blr),
                # A run of a few hundred steps needs a target network that moves (published: 0.99995 -> 0.99999).
                '--ema_decay_init', '0.995', '--ema_decay', '0.999', '--device', 'cpu', '--num_workers', '1',
-               '--data_path', str(data), '--dataset', str(data / 'files_demo.csv'), '--output_dir', str(run_dir)))
+               '--data_path', str(data), '--dataset', str(data / 'files_demo.csv'), '--output_dir', str(run_dir)), env)
     checkpoint = run_dir / f'checkpoint-{args.epochs}.pth'
 
     print('\n[4/5] Encoding audio with RuntimeM2D from the checkpoint')
@@ -98,13 +104,13 @@ def main(argv=None) -> None:
     print('\n[5/5] Linear evaluation on the demo task: the pre-trained checkpoint was evaluated by all_eval.sh '
           'above; now the same architecture with random weights')
     baseline = save_random_init(model, input_size, args.depth, args.decoder_depth, out / 'runs')
-    run(python('-m', 'm2d.eval', 'lineareval', str(baseline), 'demo'))
-    scores = summary_table(REPO / DEFAULT_RESULTS, weights=[str(checkpoint), str(baseline)])['demo']
+    run(python('-m', 'm2d.eval', 'lineareval', str(baseline), 'demo'), env)
+    scores = summary_table(results, weights=[str(checkpoint), str(baseline)])['demo']
     trained, untrained = scores[short_weight(str(checkpoint))], scores[short_weight(str(baseline))]
     print(f'\nDemo finished in {(time.time() - started) / 60:.1f} min. Outputs:')
     print(f'  corpus {out / "audio"}, LMS {data / "lms"}, file list {data / "files_demo.csv"}')
     print(f'  pre-training run {run_dir} (checkpoint, log.txt, console.txt, TensorBoard, mask pictures)')
-    print(f'  demo task {REPO / "data" / "demo_task"}, scores {REPO / DEFAULT_RESULTS}')
+    print(f'  demo task {out / "demo_task"}, scores {results}')
     print(f'Linear-evaluation accuracy on the demo task (8 classes, chance 12.5%; {model}, {args.depth} blocks):')
     print(f'  pre-trained M2D : {trained:.1f}%')
     print(f'  random weights  : {untrained:.1f}%')

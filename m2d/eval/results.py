@@ -1,12 +1,14 @@
 """The results CSV (one row per evaluation) and the weights x tasks summary table built from it."""
 import datetime
 import fcntl
+import os
 from pathlib import Path
 from typing import Optional, Union
 
 import pandas as pd
 
-DEFAULT_RESULTS = Path('results') / 'scores.csv'
+RESULTS_ENV = 'M2D_EVAL_RESULTS'
+DEFAULT_RESULTS = Path(os.environ.get(RESULTS_ENV) or Path('results') / 'scores.csv')
 COLUMNS = ['weight', 'task', 'metric', 'score', 'seconds', 'date', 'mode', 'options']
 # The published table's column order; other tasks follow alphabetically.
 TASK_ORDER = ['esc50', 'us8k', 'spcv2', 'vc1', 'voxforge', 'cremad', 'gtzan', 'nsynth', 'surge']

@@ -17,7 +17,8 @@ import pandas as pd
 import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_DIR = REPO / 'data' / 'demo_task'
+DEMO_DIR_ENV = 'M2D_EVAL_DEMO'
+DEMO_DIR = Path(os.environ.get(DEMO_DIR_ENV) or REPO / 'data' / 'demo_task')
 DATA_ROOT_ENV = 'M2D_EVAL_DATA'
 SPLITS = ('train', 'valid', 'test')
 

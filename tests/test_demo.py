@@ -1,0 +1,28 @@
+"""The main job (python -m m2d.demo, run by run_demo.sh) end to end, at a tiny size."""
+import pandas as pd
+import torch
+
+from m2d.demo import main
+from m2d.runtime_audio import RuntimeM2D
+
+
+def test_demo_runs_end_to_end_below_out(tmp_path, capfd):
+    main(['--out', str(tmp_path), '--n_files', '24', '--epochs', '2', '--batch_size', '8', '--depth', '1',
+          '--decoder_depth', '1'])
+    printed = capfd.readouterr().out
+
+    checkpoint = tmp_path / 'runs' / 'm2d_vit_tiny-80x208p16x16-demo' / 'checkpoint-2.pth'
+    assert len(list((tmp_path / 'data' / 'lms').rglob('*.npy'))) == 24
+    assert (checkpoint.parent / 'vis-2.png').is_file() and (checkpoint.parent / 'log.txt').is_file()
+    features = RuntimeM2D(weight_file=str(checkpoint)).encode(torch.zeros(1, 16000).uniform_(-1, 1))
+    assert features.shape == (1, 7, 192 * 5)
+
+    # Both evaluations land in the demo's own results file, on the demo task generated below --out.
+    scores = pd.read_csv(tmp_path / 'results' / 'scores.csv')
+    assert sorted(scores.weight) == sorted([str(checkpoint), str(tmp_path / 'runs' / 'm2d_vit_tiny-80x208p16x16-random_init'
+                                                                  / 'checkpoint-0.pth')])
+    assert (scores.task == 'demo').all() and scores.score.between(0, 1).all()
+    assert (tmp_path / 'demo_task' / 'metadata.csv').is_file()
+    for score in scores.score:
+        assert f'{100 * score:.1f}%' in printed
+    assert 'pre-trained M2D' in printed and 'random weights' in printed
