@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from m2d.engine_pretrain import Precision, forward_backward, optimizer_step, update_target  # noqa: E402
 from m2d.models_mae import MODELS, create_model  # noqa: E402
-from m2d.pretrain import parse_size  # noqa: E402
+from m2d.pretrain import size_arg  # noqa: E402
 
 
 def python_ema(model: torch.nn.Module, decay: float) -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument('--model', default='m2d_vit_base', choices=sorted(MODELS))
     p.add_argument('--depth', default=None, type=int, help='encoder depth (default 12)')
     p.add_argument('--decoder_depth', default=None, type=int, help="default: the model's (M2D 8, MSM-MAE 4)")
-    p.add_argument('--input_size', default=[80, 608], type=parse_size)
+    p.add_argument('--input_size', default=[80, 608], type=size_arg)
     p.add_argument('--mask_ratio', default=0.7, type=float)
     p.add_argument('--batch', default=64, type=int)
     p.add_argument('--steps', default=20, type=int, help='timed steps')

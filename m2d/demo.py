@@ -26,7 +26,7 @@ from m2d.eval.results import RESULTS_ENV, short_weight, summary_table
 from m2d.eval.embeddings import CACHE_ENV
 from m2d.eval.tasks import DEMO_DIR_ENV
 from m2d.models_mae import create_model
-from m2d.runtime_audio import RuntimeM2D
+from m2d.runtime_audio import RuntimeM2D, parse_size
 from m2d.synth import write_corpus
 from util.checkpoint import save_atomic
 
@@ -46,8 +46,7 @@ def python(*args: str) -> list[str]:
 def save_random_init(model: str, input_size: str, depth: int, decoder_depth: int, dst: Path) -> Path:
     """An untrained checkpoint of the demo architecture, in a folder RuntimeM2D parses (the baseline)."""
     torch.manual_seed(0)
-    size = [int(v) for v in input_size.split('x')]
-    net = create_model(model, img_size=size, depth=depth, decoder_depth=decoder_depth)
+    net = create_model(model, img_size=parse_size(input_size), depth=depth, decoder_depth=decoder_depth)
     return save_atomic({'model': net.state_dict()}, dst / f'{model}-{input_size}p16x16-random_init' / 'checkpoint-0.pth')
 
 

@@ -35,7 +35,8 @@ from .data import (NORM_STATS_CROPS, SpectrogramDataset, check_files, compute_no
                    read_file_list)
 from .engine_pretrain import NonFiniteLossError, Precision, Schedule, train_one_epoch
 from .models_mae import MODELS, MaskedAutoencoderViT, create_model
-from .runtime_audio import FOLDER_NAME_FORMAT, extract_state_dict, load_state_strict, parse_sizes_by_name
+from .runtime_audio import (FOLDER_NAME_FORMAT, extract_state_dict, load_state_strict, parse_size,
+                            parse_sizes_by_name)
 from .visualize import save_mask_figure
 
 
@@ -45,17 +46,12 @@ class UsageError(ValueError):
 
 # ----- arguments -------------------------------------------------------------------------------------
 
-def parse_size(text: str) -> list[int]:
-    """'80x208' -> [80, 208]; '16' -> [16, 16]."""
+def size_arg(text: str) -> list[int]:
+    """argparse type: '80x208' -> [80, 208]; '16' -> [16, 16]."""
     try:
-        values = [int(v) for v in str(text).lower().split('x')]
+        return parse_size(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f'expected a size like 80x208, got {text!r}') from None
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f'expected a size like 80x208, got {text!r}')
-    return values
 
 
 def parse_numbers(text: str, kind: type = float) -> list:
@@ -88,8 +84,8 @@ def get_args_parser(mae: bool = False) -> argparse.ArgumentParser:
     p.add_argument('--model', default='msm_mae_vit_base' if mae else 'm2d_vit_base', choices=sorted(MODELS))
     p.add_argument('--depth', default=None, type=int, help='encoder depth (default 12; small for demos)')
     p.add_argument('--decoder_depth', default=4 if mae else 8, type=int)
-    p.add_argument('--input_size', default=[80, 208], type=parse_size, help='F x T of a training crop')
-    p.add_argument('--patch_size', default=[16, 16], type=parse_size)
+    p.add_argument('--input_size', default=[80, 208], type=size_arg, help='F x T of a training crop')
+    p.add_argument('--patch_size', default=[16, 16], type=size_arg)
     p.add_argument('--mask_ratio', default=0.75 if mae else 0.7, type=float)
     if mae:
         p.add_argument('--norm_pix_loss', action='store_true', help='per-patch normalised pixels as targets')

@@ -106,16 +106,15 @@ def extract_state_dict(checkpoint: Any, path: Union[str, Path]) -> dict[str, tor
     return state
 
 
-def _size_pair(size: Union[int, str, list, tuple]) -> list[int]:
-    """16 / '80x608' / [80, 608] -> [int, int]."""
-    if isinstance(size, int):
-        return [size, size]
-    parts = size.lower().split('x') if isinstance(size, str) else list(size)
+def parse_size(size: Union[int, str, list, tuple]) -> list[int]:
+    """16 / '16' / '80x608' / [80, 608] -> [int, int] (a single number is square); both positive."""
+    parts = [size] if isinstance(size, int) else size.lower().split('x') if isinstance(size, str) else list(size)
     try:
         pair = [int(v) for v in parts]
     except (TypeError, ValueError):
         pair = []
-    if len(pair) != 2:
+    pair = pair * 2 if len(pair) == 1 else pair
+    if len(pair) != 2 or min(pair) <= 0:
         raise ValueError(f'a size must be [height, width] or "HxW" (e.g. [80, 608] or "80x608"), got {size!r}')
     return pair
 
@@ -159,7 +158,7 @@ def build_backbone(cfg: Config) -> MaskedAutoencoderViT:
         input_size, patch_size, model = parse_sizes_by_name(name)
         cfg.model, cfg.input_size, cfg.patch_size = (cfg.model or model, cfg.input_size or input_size,
                                                      cfg.patch_size or patch_size)
-    cfg.input_size, cfg.patch_size = _size_pair(cfg.input_size), _size_pair(cfg.patch_size)
+    cfg.input_size, cfg.patch_size = parse_size(cfg.input_size), parse_size(cfg.patch_size)
     kwargs = dict(img_size=cfg.input_size, patch_size=cfg.patch_size)
     if random_weights:
         log.warning('Random weights: %s', path)

@@ -26,15 +26,6 @@ DEFAULT_CACHE = Path('work') / 'eval_cache'
 MAX_NORM_CLIPS = 5000  # as EVAR's calculate_norm_stats
 
 
-def parse_size(value: Union[str, Sequence[int], None]) -> Optional[list[int]]:
-    """'80x608' or [80, 608] -> [80, 608]; None stays None."""
-    if value is None or value == '':
-        return None
-    if isinstance(value, str):
-        return [int(v) for v in value.lower().split('x')]
-    return [int(v) for v in value]
-
-
 def check_weight(weight: Union[str, Path], model: str = '', input_size=None) -> None:
     """A checkpoint file that exists, or 'random' with the model and input size to build."""
     if str(weight) == 'random':
@@ -52,8 +43,8 @@ def make_runtime(weight: Union[str, Path], device: Optional[Union[str, torch.dev
     if weight == 'random':
         patch_size = patch_size or [16, 16]
     torch.manual_seed(seed)
-    runtime = RuntimeM2D(weight_file=weight, model=model, input_size=parse_size(input_size),
-                         patch_size=parse_size(patch_size), **settings)
+    runtime = RuntimeM2D(weight_file=weight, model=model, input_size=input_size or None,
+                         patch_size=patch_size or None, **settings)
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     return runtime.to(device)
 

@@ -10,7 +10,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .embeddings import parse_size, task_embeddings
+from m2d.runtime_audio import parse_size
+
+from .embeddings import task_embeddings
 from .linear_probe import ProbeConfig, evaluate_probe
 from .results import DEFAULT_RESULTS, append_result
 from .tasks import TaskData, load_task, resolve_task
@@ -53,7 +55,7 @@ def linear_evaluation(weight: Union[str, Path], task: str, data_root: Optional[s
     options = f'layers={list(output_layers)} dataset_norm={dataset_norm} lr={probe.lr}'
     label = str(weight)
     if label == 'random':  # one row per random architecture and seed, not one 'random' for all
-        size = 'x'.join(str(v) for v in parse_size(runtime_settings.get('input_size')) or [])
+        size = 'x'.join(str(v) for v in parse_size(runtime_settings['input_size']))
         label = f"random-{runtime_settings.get('model')}-{size}-seed{seed}"
     row = dict(weight=label, task=spec.name, metric=outcome['metric'], score=outcome['score'],
                seconds=round(time.time() - started, 1), mode='lineareval', options=options)
