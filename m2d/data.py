@@ -13,6 +13,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from .lms import RunningMeanStd
+
 PathLike = Union[str, Path]
 NORM_STATS_CROPS = 10_000  # crops drawn to estimate the normalisation statistics
 EPS = float(np.finfo(np.float32).eps)
@@ -92,17 +94,16 @@ def compute_norm_stats(files: Sequence[str], data_path: PathLike, crop_frames: i
     picks = rng.choice(len(files), size=min(n_crops, len(files)), replace=False)
     positions = rng.random(len(picks))  # where each crop starts, as a fraction of the room there is
 
-    def moments(pick: int, position: float) -> tuple[float, float, int]:
+    def crop(pick: int, position: float) -> np.ndarray:
         lms = np.load(Path(data_path) / files[pick], mmap_mode='r')
         excess = lms.shape[-1] - crop_frames
-        x = crop_or_pad(lms, int(position * excess) if excess > 0 else 0, crop_frames).astype(np.float64)
-        return x.sum(), (x * x).sum(), x.size
+        return crop_or_pad(lms, int(position * excess) if excess > 0 else 0, crop_frames)
 
+    stats = RunningMeanStd()
     with ThreadPoolExecutor(workers) as pool:  # file reads are I/O bound
-        total, total_sq, count = np.sum(list(pool.map(moments, picks, positions)), axis=0)
-    mean = total / count
-    std = max(total_sq / count - mean * mean, 0.0) ** 0.5
-    return float(mean), float(std + EPS), len(picks)
+        for x in pool.map(crop, picks, positions):
+            stats.add(x)
+    return stats.mean, stats.std + EPS, len(picks)
 
 
 class SpectrogramDataset(Dataset):

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from util.checkpoint import save_npy_atomic
 
 from .audio_io import AUDIO_SUFFIXES, AudioReadError, find_audio_files, load_audio
+from .lms import RunningMeanStd
 from .runtime_audio import RuntimeM2D
 
 
@@ -110,18 +111,15 @@ class _Encoder:
 def dataset_norm_stats(encoder: _Encoder, files: list[Path], report: EncodeReport,
                        progress: bool = True) -> tuple[float, float]:
     """Mean and std over every LMS value of every readable file (as EVAR's precompute does)."""
-    total = total_sq = count = 0.0
+    stats = RunningMeanStd()
     for path in tqdm(files, desc='norm stats', unit='file', disable=not progress):
         try:
-            lms = encoder.lms(path).double()
+            stats.add(encoder.lms(path))
         except (AudioReadError, ValueError) as e:
             report.failed.append((path, str(e).removeprefix(f'{path}: ')))
-            continue
-        total, total_sq, count = total + lms.sum().item(), total_sq + (lms ** 2).sum().item(), count + lms.numel()
-    if not count:
+    if not stats.count:
         raise ValueError('no readable audio to compute normalisation statistics from')
-    mean = total / count
-    return mean, math.sqrt(max(total_sq / count - mean ** 2, 0.0))
+    return stats.mean, stats.std
 
 
 def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], output_path: Union[str, Path],

@@ -1,9 +1,36 @@
-"""The log-mel spectrogram (LMS) front end: 16 kHz mono audio -> log(mel power + eps)."""
+"""The log-mel spectrogram (LMS) front end: 16 kHz mono audio -> log(mel power + eps), and the
+running statistics that dataset-wide LMS normalisation uses."""
+import math
+from typing import Union
+
 import nnAudio.features
+import numpy as np
 import torch
 import torch.nn as nn
 
 EPS = torch.finfo(torch.float32).eps
+
+
+class RunningMeanStd:
+    """Mean and (population) std over every value of many arrays, accumulated in float64."""
+
+    def __init__(self):
+        self.total = self.total_sq = 0.0
+        self.count = 0
+
+    def add(self, x: Union[torch.Tensor, np.ndarray]) -> None:
+        x = x.double() if torch.is_tensor(x) else np.asarray(x, dtype=np.float64)
+        self.total += float(x.sum())
+        self.total_sq += float((x * x).sum())
+        self.count += x.size if isinstance(x, np.ndarray) else x.numel()
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.total_sq / self.count - self.mean ** 2, 0.0))
 
 
 class LogMelSpectrogram(nn.Module):

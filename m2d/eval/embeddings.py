@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from m2d.audio_io import load_audio
+from m2d.lms import RunningMeanStd
 from m2d.runtime_audio import RuntimeM2D
 from util.checkpoint import save_npy_atomic
 
@@ -104,18 +105,16 @@ def clip_loader(files: Sequence[Path], seconds: float, batch_size: int, num_work
 
 def norm_stats(runtime: RuntimeM2D, loader, max_clips: int = MAX_NORM_CLIPS) -> tuple[float, float]:
     """Mean and std of all LMS values of (up to max_clips) clips: the dataset normalisation stats."""
-    total = total_sq = count = 0.0
+    stats = RunningMeanStd()
     seen = 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc='norm stats', leave=False):
             batch = batch[0] if isinstance(batch, (list, tuple)) else batch
-            lms = runtime.to_feature(batch).double()
-            total, total_sq, count = total + lms.sum().item(), total_sq + (lms ** 2).sum().item(), count + lms.numel()
+            stats.add(runtime.to_feature(batch))
             seen += len(batch)
             if seen >= max_clips:
                 break
-    mean = total / count
-    return mean, float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))
+    return stats.mean, stats.std
 
 
 def normalize(runtime: RuntimeM2D, lms: torch.Tensor, stats: Optional[tuple[float, float]]) -> torch.Tensor:
