@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 
 from .lineareval import linear_evaluation
 from .results import DEFAULT_RESULTS, TASK_ORDER, write_summary
-from .tasks import EVAR_TASKS, TaskError, resolve_task, task_available
+from .tasks import DATA_ROOT_ENV, EVAR_TASKS, TaskError, resolve_task, task_available
 
 SUITES = {
     'quick': ('demo', 'cremad', 'gtzan'),  # small tasks, run on checkpoints during pre-training
@@ -57,7 +57,7 @@ def run_suite(weight: Union[str, Path], config: str = 'quick', tasks: Optional[S
             print(f'[{config}] {task}: {row["metric"]} {100 * row["score"]:.2f}% ({row["seconds"]} s)', flush=True)
             rows.append(row)
         except TaskError as e:
-            if task in EVAR_TASKS and 'M2D_EVAL_DATA' in str(e):
+            if task in EVAR_TASKS and DATA_ROOT_ENV in str(e):
                 skipped.append(f'{task} (no data root)')
             else:
                 failed.append(f'{task}: {e}')
