@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from m2d.audio_io import load_audio
-from m2d.eval.results import RESULTS_ENV, short_weight, summary_table
 from m2d.eval.embeddings import CACHE_ENV
+from m2d.eval.results import RESULTS_ENV, short_weight, summary_table
 from m2d.eval.tasks import DEMO_DIR_ENV
 from m2d.models_mae import create_model
 from m2d.runtime_audio import RuntimeM2D, parse_size
@@ -52,7 +52,8 @@ def save_random_init(model: str, input_size: str, depth: int, decoder_depth: int
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--out', default='demo_run', help='folder for everything the demo writes')
+    parser.add_argument('--out', default='demo_run',
+                        help='folder for everything the demo writes (a relative one is below the repository)')
     parser.add_argument('--n_files', type=int, default=800, help='clips in the unlabelled corpus')
     parser.add_argument('--epochs', type=int, default=60)
     parser.add_argument('--batch_size', type=int, default=32)
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
     parser.add_argument('--decoder_depth', type=int, default=2)
     parser.add_argument('--blr', type=float, default=1e-2, help='base learning rate (lr = blr * batch / 256)')
     args = parser.parse_args(argv)
-    out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    out = (REPO / args.out).resolve()  # an absolute --out stays as it is
     model, input_size = 'm2d_vit_tiny', '80x208'
     results = out / 'results' / 'scores.csv'
     env = {DEMO_DIR_ENV: str(out / 'demo_task'), RESULTS_ENV: str(results), CACHE_ENV: str(out / 'eval_cache')}
