@@ -6,7 +6,7 @@ less work:
   final norm. Every token is still a key and a value there, and a full token in the blocks
   before, so the kept outputs do not change. RuntimeM2D keeps the real tokens of a zero-padded
   tail chunk: the padding must be encoded (it is attended to) but its outputs are dropped.
-- On CPU, in float32 without autocast and without gradients, the linear layers run as oneDNN
+- On CPU, in float32 without autocast, gradients or torch.compile, the linear layers run as oneDNN
   inner products, the first MLP layer with its GELU fused in: about 10% faster than the default
   BLAS on the CPU we measured (bench/bench_encode.py), and one pass less over the widest activation.
 """
@@ -58,7 +58,8 @@ def encode_inference(model: MaskedAutoencoderViT, imgs: torch.Tensor, keep: Opti
     the norm), as forward_encoder gives.
     """
     onednn = (_ONEDNN_LINEAR is not None and imgs.device.type == 'cpu' and imgs.dtype == torch.float32
-              and not torch.is_autocast_enabled('cpu') and not torch.is_grad_enabled())
+              and not torch.is_autocast_enabled('cpu') and not torch.is_grad_enabled()
+              and not torch.compiler.is_compiling())  # inductor picks its own kernels
     tokens = model.embed_patches(imgs)
     cls = (model.cls_token + model.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
     x = torch.cat([cls, tokens], dim=1)
