@@ -6,10 +6,12 @@ less work:
   norm. Every token is still a key and a value there, and a full token in the blocks before,
   so the kept outputs do not change. RuntimeM2D keeps the real tokens of a zero-padded
   tail chunk: the padding must be encoded (it is attended to) but its outputs are dropped.
-- On CPU, in float32 without autocast, gradients or torch.compile, the linear layers run as oneDNN
-  inner products, the first MLP layer with its GELU fused in: about 10% faster than the default
-  BLAS on the CPU we measured (bench/bench_encode.py), and one pass less over the widest activation.
+- On AMD CPUs, in float32 without autocast, gradients or torch.compile, the linear layers run as
+  oneDNN inner products, the first MLP layer with its GELU fused in. MKL, torch's x86 BLAS, takes
+  slower code paths off Intel CPUs: oneDNN was ~10% faster on an AMD EPYC, while on an Intel Xeon
+  MKL was as fast or up to 13% faster (GEMMs of the encoder's shapes, 2 threads).
 """
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -20,6 +22,16 @@ from .models_mae import MaskedAutoencoderViT
 
 # Private but long-standing (torch >= 2.0; torch.compile's CPU backend emits it); None without oneDNN.
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, '_linear_pointwise', None) if torch.backends.mkldnn.is_available() else None
+
+
+def _amd_cpu() -> bool:
+    try:
+        return 'AuthenticAMD' in Path('/proc/cpuinfo').read_text()
+    except OSError:  # not Linux
+        return False
+
+
+USE_ONEDNN = _ONEDNN_LINEAR is not None and _amd_cpu()
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, onednn: bool, gelu: bool = False):
@@ -53,7 +65,7 @@ def encode_inference(model: MaskedAutoencoderViT, imgs: torch.Tensor, keep: Opti
     return [B, len(keep), D]. return_layers: a list with every block's output (the last one after
     the norm), as forward_encoder gives.
     """
-    onednn = (_ONEDNN_LINEAR is not None and imgs.device.type == 'cpu' and imgs.dtype == torch.float32
+    onednn = (USE_ONEDNN and imgs.device.type == 'cpu' and imgs.dtype == torch.float32
               and not torch.is_autocast_enabled('cpu') and not torch.is_grad_enabled()
               and not torch.compiler.is_compiling())  # inductor picks its own kernels
     tokens = model.embed_patches(imgs)
