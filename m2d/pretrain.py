@@ -10,6 +10,8 @@ TensorBoard events, vis-{epoch}.png, and the logs of the evaluation scripts it s
 import argparse
 import contextlib
 import datetime
+import errno
+import io
 import json
 import os
 import random
@@ -17,7 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TextIO
+from typing import Any, Callable, Iterator, Optional, TextIO, Union
 
 import numpy as np
 import torch
@@ -28,9 +30,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from util import dist as distutil
-from util.checkpoint import load_checkpoint, save_atomic
+from util.checkpoint import load_checkpoint, open_atomic, remove_stale_temp_files, save_atomic
 from util.schedules import scaled_lr
 
+from .cli import (LOAD_ERRORS, HelpFormatter, Interrupted, OutputError, UsageError, add_norm_stats_argument,
+                  check_writable, guarded, parse_numbers, writing)
 from .data import (NORM_STATS_CROPS, SpectrogramDataset, check_files, compute_norm_stats, load_vis_samples,
                    read_file_list)
 from .engine_pretrain import NonFiniteLossError, Precision, Schedule, train_one_epoch
@@ -39,9 +43,7 @@ from .runtime_audio import (FOLDER_NAME_FORMAT, extract_state_dict, load_state_s
                             parse_sizes_by_name)
 from .visualize import save_mask_figure
 
-
-class UsageError(ValueError):
-    """Bad arguments or data: reported as a one-line error, without a traceback."""
+REPO = Path(__file__).resolve().parents[1]  # train_audio.py, quick_eval.sh and all_eval.sh in a checkout
 
 
 # ----- arguments -------------------------------------------------------------------------------------
@@ -54,73 +56,67 @@ def size_arg(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f'expected a size like 80x208, got {text!r}') from None
 
 
-def parse_numbers(text: str, kind: type = float) -> list:
-    """'[-7.1, 4.2]', '-7.1,4.2' or '-7.1 4.2' -> [-7.1, 4.2]; '' -> []."""
-    parts = str(text).strip().strip('[]()').replace(',', ' ').split()
-    try:
-        return [kind(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a list of numbers like "[-7.1, 4.2]", got {text!r}') from None
-
-
-def parse_norm_stats(text: str) -> list[float]:
-    values = parse_numbers(text)
-    if len(values) != 2 or values[1] <= 0:
-        raise argparse.ArgumentTypeError(f'--norm_stats needs [mean, std] with std > 0, got {text!r}')
-    return values
-
-
 def get_args_parser(mae: bool = False) -> argparse.ArgumentParser:
     """The train_audio.py flags (published names and defaults); mae=True: mae_train_audio.py (MSM-MAE)."""
-    p = argparse.ArgumentParser('MSM-MAE pre-training' if mae else 'M2D pre-training', add_help=True)
+    p = argparse.ArgumentParser('MSM-MAE pre-training' if mae else 'M2D pre-training', description=__doc__,
+                                formatter_class=HelpFormatter)
+    add_arguments(p, mae)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
+    """Add the pre-training options to `p` (M2D's defaults; mae=True: MSM-MAE's)."""
     p.add_argument('--batch_size', default=512, type=int, help='batch size per process (GPU)')
-    p.add_argument('--epochs', default=300, type=int)
+    p.add_argument('--epochs', default=300, type=int, help='length of the run (the lr and EMA schedules span it)')
     p.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps per update')
     p.add_argument('--eval_after', default=100, type=int, help='run quick_eval.sh on checkpoints from this epoch on')
     p.add_argument('--save_freq', default=100, type=int, help='save a checkpoint every N epochs (and at the end)')
-    p.add_argument('--stop_at', default=-1, type=int, help='stop after this epoch, keeping the --epochs schedules')
+    p.add_argument('--stop_at', default=-1, type=int, help='stop after this epoch, keeping the --epochs schedules '
+                                                           '(-1: run all --epochs)')
     p.add_argument('--print_freq', default=20, type=int, help='progress line every N steps')
     # Model.
-    p.add_argument('--model', default='msm_mae_vit_base' if mae else 'm2d_vit_base', choices=sorted(MODELS))
+    p.add_argument('--model', default='msm_mae_vit_base' if mae else 'm2d_vit_base', choices=sorted(MODELS),
+                   help='architecture')
     p.add_argument('--depth', default=None, type=int, help='encoder depth (default 12; small for demos)')
-    p.add_argument('--decoder_depth', default=4 if mae else 8, type=int)
-    p.add_argument('--input_size', default=[80, 208], type=size_arg, help='F x T of a training crop')
-    p.add_argument('--patch_size', default=[16, 16], type=size_arg)
-    p.add_argument('--mask_ratio', default=0.75 if mae else 0.7, type=float)
+    p.add_argument('--decoder_depth', default=4 if mae else 8, type=int, help='decoder (predictor) blocks')
+    p.add_argument('--input_size', default='80x208', type=size_arg, help='F x T of a training crop')
+    p.add_argument('--patch_size', default='16x16', type=size_arg, help='F x T of a patch')
+    p.add_argument('--mask_ratio', default=0.75 if mae else 0.7, type=float, help='ratio of patches masked')
     if mae:
         p.add_argument('--norm_pix_loss', action='store_true', help='per-patch normalised pixels as targets')
     else:
         p.add_argument('--no_norm_pix_loss', action='store_false', dest='norm_pix_loss',
                        help='do not standardise the target representations')
-        p.add_argument('--ema_decay_init', default=0.99995, type=float)
-        p.add_argument('--ema_decay', default=0.99999, type=float)
-        p.add_argument('--loss_fn', default='norm_mse', choices=['norm_mse', 'mse'])
+        p.add_argument('--ema_decay_init', default=0.99995, type=float, help='EMA decay of the target at the start')
+        p.add_argument('--ema_decay', default=0.99999, type=float, help='EMA decay at the end (linear in between)')
+        p.add_argument('--loss_fn', default='norm_mse', choices=['norm_mse', 'mse'],
+                       help='norm_mse: MSE of L2-normalised vectors; mse: plain MSE')
         p.add_argument('--target_layers', default=[], type=lambda s: parse_numbers(s, int),
-                       help="average these target blocks' outputs, e.g. '[8,9,10,11]' ('' = last block)")
+                       help="average these target blocks' outputs, e.g. '[8,9,10,11]' (default: the last block)")
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
     # Optimizer.
-    p.add_argument('--optim', default='adamw', choices=['adamw', 'sgd'])
-    p.add_argument('--weight_decay', default=0.05, type=float)
+    p.add_argument('--optim', default='adamw', choices=['adamw', 'sgd'], help='AdamW (0.9, 0.95) or SGD (momentum 0.9)')
+    p.add_argument('--weight_decay', default=0.05, type=float, help='weight decay (not on biases and 1-D parameters)')
     p.add_argument('--clip_grad', default=3.0, type=float, help='gradient-norm clipping (0 = off)')
     p.add_argument('--lr', default=None, type=float, help='absolute lr (default: blr * effective batch / 256)')
     p.add_argument('--blr', default=3e-4, type=float, help='base lr for an effective batch of 256')
-    p.add_argument('--min_lr', default=0.0, type=float)
-    p.add_argument('--warmup_epochs', default=20, type=float)
+    p.add_argument('--min_lr', default=0.0, type=float, help='lr at the end of the half-cosine decay')
+    p.add_argument('--warmup_epochs', default=20, type=float, help='linear lr warm-up, in epochs')
     # Data.
     p.add_argument('--data_path', default='data', type=str, help='folder the CSV paths are relative to')
     p.add_argument('--dataset', default='data/files_audioset.csv', type=str, help="CSV with a 'file_name' column")
-    p.add_argument('--norm_stats', default=None, type=parse_norm_stats,
-                   help='[mean, std] of the LMS (default: measured on 10,000 random crops at start)')
-    p.add_argument('--skip_missing', action='store_true', help='drop missing or corrupt files instead of failing')
-    p.add_argument('--num_workers', default=10, type=int)
-    p.add_argument('--pin_mem', action='store_true', help='pin CPU memory in the DataLoader (default)')
-    p.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+    add_norm_stats_argument(p, help='mean and std of the LMS (default: measured on 10,000 random crops at start)')
+    p.add_argument('--skip_missing', action='store_true',
+                   help='drop missing, corrupt or NaN/inf-holding files instead of failing')
+    p.add_argument('--num_workers', default=10, type=int, help='DataLoader worker processes per training process')
+    p.add_argument('--pin_mem', action='store_true', help='pin CPU memory in the DataLoader (on by default)')
+    p.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
     p.set_defaults(pin_mem=True)
     # Run.
     p.add_argument('--output_dir', default='', type=str, help='run folder (default: named after the settings)')
     p.add_argument('--log_dir', default='', type=str, help='TensorBoard folder (default: the run folder)')
     p.add_argument('--device', default='cuda', type=str, help="'cuda' or 'cpu'")
-    p.add_argument('--seed', default=0, type=int)
+    p.add_argument('--seed', default=0, type=int, help='seed of the weights, data order, crops and masks')
     p.add_argument('--resume', default='', type=str, help='checkpoint to continue from')
     p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set from the checkpoint on --resume)')
     p.add_argument('--eval_scripts', default='', type=str,
@@ -129,7 +125,6 @@ def get_args_parser(mae: bool = False) -> argparse.ArgumentParser:
     p.add_argument('--world_size', default=1, type=int, help='set by torchrun (WORLD_SIZE)')
     p.add_argument('--local_rank', '--local-rank', default=-1, type=int, help='set by torchrun (LOCAL_RANK)')
     p.add_argument('--dist_url', default='env://', help='process-group rendezvous')
-    return p
 
 
 def is_m2d(model_name: str) -> bool:
@@ -159,33 +154,61 @@ def unused_folder(name: str) -> Path:
 
 # ----- console copy, RNG state, evaluation hooks ---------------------------------------------------
 
-class _Tee:
-    def __init__(self, *streams: TextIO):
-        self.streams = streams
+class ConsoleCopy:
+    """stdout, copied into a file from `open(path)` on; what was printed before is written there first,
+    so a run that fails its checks before its folder exists leaves nothing behind."""
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.path, self.file = stream, None, None
+        self.pending: Optional[io.StringIO] = io.StringIO()
+
+    def open(self, path: Path) -> None:
+        with writing(path):
+            self.file = open(path, 'a', buffering=1)
+        self.path = path
+        self.note(self.pending.getvalue())
+        self.pending = None
+
+    def note(self, text: str) -> None:
+        """Write `text` to the copy only (not to the screen)."""
+        if self.file is None:
+            if self.pending is not None:
+                self.pending.write(text)
+            return
+        try:
+            self.file.write(text)
+        except OSError as e:
+            self.close()  # stop copying: the error message itself must still reach the screen
+            raise OutputError(self.path, e) from e
 
     def write(self, text: str) -> int:
-        for s in self.streams:
-            s.write(text)
+        self.stream.write(text)
+        self.note(text)
         return len(text)
 
     def flush(self) -> None:
-        for s in self.streams:
-            s.flush()
+        self.stream.flush()
+
+    def close(self) -> None:
+        file, self.file, self.pending = self.file, None, None
+        if file is not None:
+            with contextlib.suppress(OSError):  # a full disk: the error was reported when the line was written
+                file.close()
 
 
 @contextlib.contextmanager
-def tee_stdout(path: Optional[Path]) -> Iterator[None]:
-    """Copy stdout into `path` (appending) while the block runs; no-op for None."""
-    if path is None:
-        yield
+def console_copy(enabled: bool) -> Iterator[Optional[ConsoleCopy]]:
+    """Route stdout through a ConsoleCopy while the block runs (None and no copy when not enabled)."""
+    if not enabled:
+        yield None
         return
-    with open(path, 'a', buffering=1) as f:
-        saved = sys.stdout
-        sys.stdout = _Tee(saved, f)
-        try:
-            yield
-        finally:
-            sys.stdout = saved
+    saved = sys.stdout
+    sys.stdout = copy = ConsoleCopy(saved)
+    try:
+        yield copy
+    finally:
+        sys.stdout = saved
+        copy.close()
 
 
 def rng_state() -> dict[str, Any]:
@@ -251,6 +274,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f'--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}')
     if args.num_workers < 0:
         raise UsageError(f'--num_workers must be 0 or more, got {args.num_workers}')
+    (F, T), (pf, pt) = args.input_size, args.patch_size
+    if F % pf or T % pt:
+        raise UsageError(f'--input_size {F}x{T} must be a multiple of --patch_size {pf}x{pt}')
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -270,10 +296,6 @@ def build_model(args: argparse.Namespace) -> MaskedAutoencoderViT:
         kwargs['depth'] = args.depth
     if is_m2d(args.model):
         kwargs.update(loss_type=getattr(args, 'loss_fn', 'norm_mse'), target_layers=getattr(args, 'target_layers', []))
-    F, T = args.input_size
-    pf, pt = args.patch_size
-    if F % pf or T % pt:
-        raise UsageError(f'--input_size {F}x{T} must be a multiple of --patch_size {pf}x{pt}')
     return create_model(args.model, **kwargs)
 
 
@@ -376,8 +398,8 @@ def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> 
     if args.resume:
         try:
             checkpoint = load_checkpoint(args.resume)
-        except FileNotFoundError as e:
-            raise UsageError(f'--resume: {e}') from None
+        except LOAD_ERRORS as e:
+            raise UsageError(f'--resume {args.resume}: {e}') from None
         saved = checkpoint.get('args') if isinstance(checkpoint, dict) else None
         if args.norm_stats is None and getattr(saved, 'norm_stats', None):
             args.norm_stats = list(saved.norm_stats)  # the same normalisation as before the stop
@@ -386,22 +408,50 @@ def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> 
         args.output_dir = str(distutil.broadcast_object(name))
     out = Path(args.output_dir)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    with tee_stdout(out / 'console.txt' if info.is_main else None):
-        print_fn(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {" ".join(sys.argv)}')
+        check_writable(out, folder=True)  # now, not after a data scan that may take minutes
+    with console_copy(info.is_main) as console:
         try:
-            parse_sizes_by_name(out.resolve().name)
-        except ValueError:
-            print_fn(f'Note: the run folder name {out.resolve().name!r} does not follow {FOLDER_NAME_FORMAT}; '
-                     'RuntimeM2D and the evaluation scripts will need the model and sizes given explicitly')
-        files, args.norm_stats = prepare_data(args, info, print_fn)
-        try:
+            print_fn(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {" ".join(sys.argv)}')
+            try:
+                parse_sizes_by_name(out.resolve().name)
+            except ValueError:
+                print_fn(f'Note: the run folder name {out.resolve().name!r} does not follow {FOLDER_NAME_FORMAT}; '
+                         'RuntimeM2D and the evaluation scripts will need the model and sizes given explicitly')
+            files, args.norm_stats = prepare_data(args, info, print_fn)
+            if len(files) // info.world_size < args.batch_size:
+                raise UsageError(f'{len(files)} files are too few for one batch of {args.batch_size} per process '
+                                 f'x {info.world_size} processes; lower --batch_size')
+            if info.is_main:  # the checks passed: only now the run folder is made (a failed start leaves none)
+                with writing(out):
+                    out.mkdir(parents=True, exist_ok=True)
+                console.open(out / 'console.txt')
+                remove_stale_temp_files(out)
             result = _train(args, info, device, out, files, checkpoint, eval_dir, print_fn)
-        except NonFiniteLossError as e:
-            print_fn(f'ERROR: {e}')
+        except (UsageError, NonFiniteLossError, KeyboardInterrupt) as e:
+            if console is not None:
+                console.note(f'{"Interrupted" if isinstance(e, KeyboardInterrupt) else "ERROR"}: {e}\n')
             raise
         print_fn(f'Done; outputs in {out}')
         return result
+
+
+def truncate_log(path: Path, epochs_done: int) -> None:
+    """Keep the lines of log.txt up to epoch `epochs_done`, atomically: a run killed after logging epochs
+    it never saved must not list them twice once it is resumed from its last checkpoint."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line)['epoch'] <= epochs_done
+        except (ValueError, KeyError, TypeError):  # e.g. a line cut short by the kill
+            return False
+
+    kept = [line for line in lines if keep(line)]
+    if kept != lines:
+        with writing(path), open_atomic(path, 'w') as f:
+            f.writelines(kept)
 
 
 def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> RunResult:
@@ -417,9 +467,6 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
     # Workers start afresh each epoch (not persistent), seeded from the main RNG: a resume stays exact.
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True)
-    if len(loader) == 0:
-        raise UsageError(f'{len(dataset)} files are too few for one batch of {args.batch_size} per process '
-                         f'x {info.world_size} processes; lower --batch_size')
 
     eff_batch = args.batch_size * args.accum_iter * info.world_size
     args.eff_batch_size = eff_batch
@@ -434,6 +481,8 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
     start_epoch = args.start_epoch
     if checkpoint is not None:
         start_epoch = resume_from(checkpoint, args, info, raw_model, optimizer, scaler, print_fn)
+        if info.is_main:
+            truncate_log(out / 'log.txt', start_epoch)
 
     model = raw_model
     if info.distributed:
@@ -446,53 +495,79 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
 
     schedule = Schedule(args.lr, args.min_lr, args.warmup_epochs, args.epochs, len(loader),
                         getattr(args, 'ema_decay_init', 0.0), getattr(args, 'ema_decay', 0.0))
-    writer = SummaryWriter(args.log_dir or str(out)) if info.is_main else None
+    log_dir = Path(args.log_dir or out)
+    with writing(log_dir):
+        writer = SummaryWriter(str(log_dir)) if info.is_main else None
     vis_names, vis_lms = load_vis_samples(Path(args.data_path) / 'vis_samples', args.input_size[1], args.norm_stats)
     result = RunResult(out, raw_model)
     last_epoch = args.epochs if args.stop_at <= 0 else min(args.stop_at, args.epochs)
     try:
         for epoch in range(start_epoch, last_epoch):
             sampler.set_epoch(epoch)
-            stats = train_one_epoch(model, raw_model, loader, optimizer, scaler, precision, schedule, epoch, device,
-                                    args.mask_ratio, args.accum_iter, args.clip_grad, args.print_freq,
-                                    info.world_size, writer, print_fn)
+            try:
+                stats = train_one_epoch(model, raw_model, loader, optimizer, scaler, precision, schedule, epoch,
+                                        device, args.mask_ratio, args.accum_iter, args.clip_grad, args.print_freq,
+                                        info.world_size, writer, print_fn)
+            except OSError as e:  # TensorBoard's writer thread; a full or read-only disk is never a data read
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                    raise OutputError(log_dir, e) from e
+                raise
             done = epoch + 1
             if info.is_main:
-                with open(out / 'log.txt', 'a') as f:
+                with writing(out / 'log.txt'), open(out / 'log.txt', 'a') as f:
                     f.write(json.dumps({'epoch': done, **{f'train_{k}': v for k, v in stats.items()}}) + '\n')
+                with writing(log_dir):
+                    writer.flush()
             if done % args.save_freq == 0 or done == last_epoch:
                 rng_states = distutil.all_gather_objects(rng_state())
                 if info.is_main:
-                    path = save_checkpoint(out / f'checkpoint-{done}.pth', raw_model, optimizer, scaler, done,
-                                           args, rng_states)
+                    path = out / f'checkpoint-{done}.pth'
+                    with writing(path):
+                        save_checkpoint(path, raw_model, optimizer, scaler, done, args, rng_states)
                     result.last_checkpoint = path
                     print_fn(f'Saved {path}')
                     if vis_lms is not None:
-                        save_mask_figure(raw_model, vis_lms, vis_names, args.mask_ratio, out / f'vis-{done}.png',
-                                         seed=args.seed)
+                        with writing(out / f'vis-{done}.png'):
+                            save_mask_figure(raw_model, vis_lms, vis_names, args.mask_ratio, out / f'vis-{done}.png',
+                                             seed=args.seed)
                     if done >= args.eval_after:
-                        proc = start_eval_script(eval_dir / 'quick_eval.sh', path, out / f'quick_eval-{done}.log',
-                                                 False, print_fn)
+                        with writing(out / f'quick_eval-{done}.log'):
+                            proc = start_eval_script(eval_dir / 'quick_eval.sh', path, out / f'quick_eval-{done}.log',
+                                                     False, print_fn)
                         result.eval_processes += [proc] if proc else []
                 distutil.barrier()
+    except KeyboardInterrupt:
+        raise Interrupted(resume_hint(epoch + 1, result.last_checkpoint or (args.resume or None))) from None
     finally:
         if writer is not None:
-            writer.close()
+            with contextlib.suppress(OSError):  # flushed after every epoch; a failure was reported there
+                writer.close()
     if info.is_main and result.last_checkpoint is not None:
-        start_eval_script(eval_dir / 'all_eval.sh', result.last_checkpoint, out / 'all_eval.log', True, print_fn)
+        with writing(out / 'all_eval.log'):
+            start_eval_script(eval_dir / 'all_eval.sh', result.last_checkpoint, out / 'all_eval.log', True, print_fn)
     return result
 
 
-def cli(mae: bool = False, script_dir: Optional[Path] = None, argv: Optional[list[str]] = None) -> int:
-    """Entry point of train_audio.py / mae_train_audio.py: parse, train, and turn known failures into
-    a message and an exit status (2: bad arguments or data, 1: non-finite loss)."""
-    args = get_args_parser(mae).parse_args(argv)
+def resume_hint(epoch: int, last_checkpoint: Optional[Union[str, Path]]) -> str:
+    """What to do after a Ctrl-C in `epoch` (1-based)."""
+    if last_checkpoint is None:
+        return f'in epoch {epoch}, before the first checkpoint; run the same command again to start over'
+    return f'in epoch {epoch}; the last checkpoint is {last_checkpoint}: run the same command with ' \
+           f'--resume {last_checkpoint} to continue from it'
+
+
+def run(args: argparse.Namespace, script_dir: Optional[Path] = None) -> int:
+    """`m2d train`: train as args say; -> 0, or 1 when the loss diverged. Usage and data errors raise
+    UsageError and Ctrl-C raises Interrupted, for m2d.cli.guarded to report."""
     try:
-        main(args, script_dir)
-    except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        main(args, script_dir or REPO)
     except NonFiniteLossError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     return 0
+
+
+def cli(mae: bool = False, script_dir: Optional[Path] = None, argv: Optional[list[str]] = None) -> int:
+    """Entry point of train_audio.py / mae_train_audio.py: parse, train, and turn known failures into
+    a message and an exit status (2: bad arguments or data, 1: non-finite loss, 130: interrupted)."""
+    return guarded(run, get_args_parser(mae).parse_args(argv), script_dir)

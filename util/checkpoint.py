@@ -20,7 +20,8 @@ def open_atomic(path: Union[str, Path], mode: str = 'wb') -> Iterator[IO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    # .NAME.PID.XXXXXXXX.tmp: the writer's process id tells remove_stale_temp_files what a hard kill left.
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.{os.getpid()}.', suffix='.tmp', dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -33,6 +34,32 @@ def open_atomic(path: Union[str, Path], mode: str = 'wb') -> Iterator[IO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _process_exists(pid: int) -> bool:
+    if os.name != 'posix':  # no cheap check elsewhere: treat every writer as alive and keep its file
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: Union[str, Path], recursive: bool = False) -> list[Path]:
+    """Delete the temporary files open_atomic left in `folder` (and below it, if recursive) when its
+    process was killed mid-write: `.NAME.PID.XXXXXXXX.tmp` whose process PID no longer exists on this
+    machine. Files of running writers are left alone. Returns the removed paths."""
+    folder = Path(folder)
+    removed = []
+    for path in (folder.rglob if recursive else folder.glob)('.*.tmp'):
+        parts = path.name[1:-len('.tmp')].rsplit('.', 2)  # NAME, PID, random part
+        if len(parts) == 3 and parts[1].isdigit() and path.is_file() and not _process_exists(int(parts[1])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
