@@ -21,13 +21,14 @@ NORM_STATS_CROPS = 10_000  # crops drawn to estimate the normalisation statistic
 EPS = float(np.finfo(np.float32).eps)
 
 
-def read_table(path: PathLike, what: str = 'CSV') -> pd.DataFrame:
-    """pd.read_csv with one-line errors that name the file (missing, empty, not a CSV)."""
+def read_table(path: PathLike, what: str = 'CSV', **read_csv_kwargs) -> pd.DataFrame:
+    """pd.read_csv with one-line errors that name the file (missing, empty, not a CSV). Only empty
+    fields are missing values (NaN): a name or label such as 'NA' or 'None' stays a string."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'{what} not found: {path}')
     try:
-        return pd.read_csv(path, keep_default_na=False, na_values=[''])  # a label 'NA' or 'None' stays a string
+        return pd.read_csv(path, keep_default_na=False, na_values=[''], **read_csv_kwargs)
     except pd.errors.EmptyDataError:
         raise ValueError(f'{what} {path} is empty; it needs a header line, then one row per file') from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
