@@ -62,12 +62,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return super()._format_args(action, default_metavar)
 
 
-def run_tool(module: ModuleType, prog: str, argv: Optional[Sequence[str]] = None) -> int:
-    """Parse argv (default sys.argv[1:]) with the module's arguments and run it; -> exit status."""
+def build_parser(module: ModuleType, prog: str) -> argparse.ArgumentParser:
+    """The argument parser of a tool module (its docstring as the description)."""
     parser = argparse.ArgumentParser(prog=prog, description=module.__doc__, formatter_class=HelpFormatter)
     module.add_arguments(parser)
-    args = parser.parse_args(argv)
-    return guarded(module.run, args)
+    return parser
+
+
+def run_tool(module: ModuleType, prog: str, argv: Optional[Sequence[str]] = None) -> int:
+    """Parse argv (default sys.argv[1:]) with the module's arguments and run it; -> exit status."""
+    return guarded(module.run, build_parser(module, prog).parse_args(argv))
 
 
 def guarded(run, *args) -> int:

@@ -1,4 +1,4 @@
-"""Pre-training driver behind train_audio.py (M2D) and mae_train_audio.py (MSM-MAE).
+"""Pre-training driver behind train_audio.py (M2D; also `m2d train`) and mae_train_audio.py (MSM-MAE).
 
     python train_audio.py --dataset data/files_audioset.csv            # one process
     torchrun --nproc_per_node 4 train_audio.py --dataset ...           # DDP, 4 GPUs

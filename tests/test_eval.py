@@ -250,3 +250,10 @@ def test_augmentations_keep_shape_and_mask_bands():
     assert mixup(x, y, 0.0)[0] is x
     xm, ym = mixup(x, y, 0.5)
     assert torch.allclose(ym.sum(1), torch.ones(4))
+
+
+def test_an_unwritable_cache_costs_only_the_cache(tiny_ckpt, task_csv, tmp_path, capsys, one_thread):
+    (tmp_path / 'a_file').write_text('x')
+    row = linear_evaluation(tiny_ckpt, str(task_csv), results=None, batch_size=8, cache_dir=str(tmp_path / 'a_file'))
+    assert 0 <= row['score'] <= 1 and not row['cached']
+    assert f'Note: embeddings not cached (cannot write {tmp_path / "a_file"}/small-' in capsys.readouterr().err

@@ -7,6 +7,7 @@ never served stale embeddings.
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -16,9 +17,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from m2d.audio_io import load_audio
+from m2d.cli import OutputError
 from m2d.lms import RunningMeanStd
 from m2d.runtime_audio import RuntimeM2D
-from util.checkpoint import save_npy_atomic
+from util.checkpoint import remove_stale_temp_files, save_npy_atomic
 
 from .tasks import TaskData
 
@@ -179,5 +181,9 @@ def task_embeddings(weight: Union[str, Path], task: TaskData, output_layers: Seq
     emb = extract(runtime, clip_loader(task.files, task.spec.seconds, batch_size, num_workers), output_layers, stats,
                   desc=f'{task.spec.name} embeddings')
     if path is not None:
-        save_npy_atomic(emb, path)
+        remove_stale_temp_files(path.parent)  # what killed runs left there
+        try:
+            save_npy_atomic(emb, path)
+        except OSError as e:  # a full or read-only cache costs time on the next run, not this result
+            print(f'Note: embeddings not cached ({OutputError(path, e)})', file=sys.stderr)
     return emb, False
