@@ -309,8 +309,8 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.de
 
 def prepare_data(args: argparse.Namespace, info: distutil.DistInfo, print_fn: Callable[[str], None]
                  ) -> tuple[list[str], list[float]]:
-    """Check the listed files and settle the normalisation stats on rank 0, then share them (or the
-    error, so that every rank stops with the same message)."""
+    """Check that the run folder can be written and the listed files, and settle the normalisation stats,
+    on rank 0; then share them (or the error, so that every rank stops with the same message)."""
     payload = None
     if info.is_main:
         try:
@@ -324,6 +324,7 @@ def prepare_data(args: argparse.Namespace, info: distutil.DistInfo, print_fn: Ca
 
 
 def _prepare_data(args: argparse.Namespace, print_fn: Callable[[str], None]) -> tuple[list[str], list[float]]:
+    check_writable(args.output_dir, folder=True)  # now, not after a data scan that may take minutes
     files = check_files(read_file_list(args.dataset), args.data_path, args.input_size[0], args.skip_missing)
     print_fn(f'Dataset: {len(files)} files from {args.dataset} (data folder {args.data_path})')
     if args.norm_stats is not None:
@@ -407,8 +408,6 @@ def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> 
         name = Path(args.resume).parent if args.resume else unused_folder(run_name(args))
         args.output_dir = str(distutil.broadcast_object(name))
     out = Path(args.output_dir)
-    if info.is_main:
-        check_writable(out, folder=True)  # now, not after a data scan that may take minutes
     with console_copy(info.is_main) as console:
         try:
             print_fn(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {" ".join(sys.argv)}')
@@ -501,6 +500,7 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
     vis_names, vis_lms = load_vis_samples(Path(args.data_path) / 'vis_samples', args.input_size[1], args.norm_stats)
     result = RunResult(out, raw_model)
     last_epoch = args.epochs if args.stop_at <= 0 else min(args.stop_at, args.epochs)
+    epoch = start_epoch
     try:
         for epoch in range(start_epoch, last_epoch):
             sampler.set_epoch(epoch)

@@ -182,7 +182,7 @@ def convert_folder(src: PathLike, dst: PathLike, suffix: str = '.wav', workers: 
 
     report = ConversionReport()
     sources, jobs = [], []
-    listed = list_sources(src, suffix) if files is None else sorted(src / f for f in files)
+    listed = list_sources(src, suffix) if files is None else sorted({src / f for f in files})
     for src_file in listed[skip:]:
         dst_file = output_path(src_file, src, dst, suffix)
         if dst_file.exists():
