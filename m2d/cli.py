@@ -24,8 +24,10 @@ EXIT_INTERRUPTED = 130  # what a shell reports for a process ended by SIGINT
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError)
 
 _WRITE_REASONS = {errno.ENOSPC: 'no space left on device', errno.EDQUOT: 'disk quota exceeded',
-                  errno.EROFS: 'not writable (read-only file system)', errno.EACCES: 'not writable (permission denied)',
-                  errno.EPERM: 'not writable (operation not permitted)', errno.ENOTDIR: 'a file is in the way, not a folder'}
+                  errno.EROFS: 'not writable (read-only file system)',
+                  errno.EACCES: 'not writable (permission denied)',
+                  errno.EPERM: 'not writable (operation not permitted)',
+                  errno.ENOTDIR: 'a file is in the way, not a folder'}
 
 
 class UsageError(ValueError):

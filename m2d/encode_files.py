@@ -56,7 +56,8 @@ class EncodeReport:
         lines = [f'encoded {len(self.encoded)}, skipped {len(self.skipped)} (output exists; --overwrite to redo), '
                  f'failed {len(self.failed)}']
         if self.norm_stats is not None:
-            lines.append(f'dataset normalisation stats: --norm_stats "[{self.norm_stats[0]:.6g}, {self.norm_stats[1]:.6g}]"')
+            mean, std = self.norm_stats
+            lines.append(f'dataset normalisation stats: --norm_stats "[{mean:.6g}, {std:.6g}]"')
         lines += [f'  FAILED {path}: {reason}' for path, reason in self.failed]
         return '\n'.join(lines)
 

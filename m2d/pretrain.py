@@ -428,7 +428,8 @@ def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> 
             result = _train(args, info, device, out, files, checkpoint, eval_dir, print_fn)
         except (UsageError, NonFiniteLossError, KeyboardInterrupt) as e:
             if console is not None:
-                console.note(f'{"Interrupted" if isinstance(e, KeyboardInterrupt) else "ERROR"}: {e}\n')
+                with contextlib.suppress(OutputError):  # a full disk: the message still reaches the screen
+                    console.note(f'{"Interrupted" if isinstance(e, KeyboardInterrupt) else "ERROR"}: {e}\n')
             raise
         print_fn(f'Done; outputs in {out}')
         return result
@@ -531,9 +532,8 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
                             save_mask_figure(raw_model, vis_lms, vis_names, args.mask_ratio, out / f'vis-{done}.png',
                                              seed=args.seed)
                     if done >= args.eval_after:
-                        with writing(out / f'quick_eval-{done}.log'):
-                            proc = start_eval_script(eval_dir / 'quick_eval.sh', path, out / f'quick_eval-{done}.log',
-                                                     False, print_fn)
+                        proc = start_eval_script(eval_dir / 'quick_eval.sh', path, out / f'quick_eval-{done}.log',
+                                                 False, print_fn)
                         result.eval_processes += [proc] if proc else []
                 distutil.barrier()
     except KeyboardInterrupt:
@@ -543,8 +543,7 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
             with contextlib.suppress(OSError):  # flushed after every epoch; a failure was reported there
                 writer.close()
     if info.is_main and result.last_checkpoint is not None:
-        with writing(out / 'all_eval.log'):
-            start_eval_script(eval_dir / 'all_eval.sh', result.last_checkpoint, out / 'all_eval.log', True, print_fn)
+        start_eval_script(eval_dir / 'all_eval.sh', result.last_checkpoint, out / 'all_eval.log', True, print_fn)
     return result
 
 

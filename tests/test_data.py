@@ -135,7 +135,8 @@ def test_paths_leaving_the_data_folder_are_rejected(tmp_path):
         read_file_list(csv)
     message = str(err.value)
     assert '3 file names point outside --data_path' in message
-    assert 'line 3: ../secret.npy' in message and 'line 5: /etc/abs.npy' in message and 'line 6: sub/../../up.npy' in message
+    assert 'line 3: ../secret.npy' in message and 'line 5: /etc/abs.npy' in message
+    assert 'line 6: sub/../../up.npy' in message
     assert 'line 4' not in message  # sub/../ok.npy stays inside
     assert 'set --data_path to a folder' in message
     # A symlink inside the data folder may point anywhere: paths are compared as written.

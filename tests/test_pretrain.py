@@ -346,7 +346,8 @@ def test_resume_after_a_hard_kill_cleans_up_and_rewrites_the_log(lms_data, tmp_p
     out = run(tiny_argv(lms_data, tmp_path / 'run', '--stop_at', '1')).output_dir
     # A save killed mid-write (SIGKILL: no cleanup runs) leaves its checkpoint-sized temporary file ...
     kill = ('import os, signal, sys; from util.checkpoint import open_atomic\n'
-            'with open_atomic(sys.argv[1]) as f:\n    f.write(b"x" * 1000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)')
+            'with open_atomic(sys.argv[1]) as f:\n'
+            '    f.write(b"x" * 1000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)')
     subprocess.run([sys.executable, '-c', kill, str(out / 'checkpoint-2.pth')], cwd=REPO, timeout=60)
     (leftover,) = out.glob('.checkpoint-2.pth.*.tmp')
     # ... after log.txt got epoch 2 (and a line cut short).

@@ -223,7 +223,7 @@ def test_file_list_converts_only_the_listed_files(corpus, tmp_path, capsys):
     assert _npy_files(tmp_path / 'lms2') == ['z.npy']
 
     files.write_text('file_name\na/x.wav\n../escape.wav\n/abs/y.wav\n')
-    with pytest.raises(UsageError, match=r'2 file names point outside SRC .*line 3: \.\./escape\.wav, line 4: /abs/y\.wav'):
+    with pytest.raises(UsageError, match=r'2 file names point outside SRC .*line 3: \.\./escape\.wav, line 4: /abs/'):
         main(str(corpus), str(tmp_path / 'lms3'), workers=1, files=str(files))
     files.write_text('')
     with pytest.raises(UsageError, match=f'file list {files} is empty'):
