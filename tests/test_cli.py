@@ -67,3 +67,10 @@ def test_subcommands_run_the_published_tools(tmp_path, lms_data, one_thread):
     assert main(['train', *tiny_argv(lms_data, tmp_path / 'run', '--epochs', '1')]) == 0
     assert load_checkpoint(tmp_path / 'run' / 'checkpoint-1.pth')['epoch'] == 1
     assert main(['eval', 'summary', str(tmp_path / 'no-results.csv')]) == 2
+
+
+def test_switches_are_spelled_with_underscores_everywhere():
+    evaluator = build_parser(importlib.import_module('m2d.eval.__main__'), 'm2d eval')
+    for flag, expected in [([], True), (['--no_dataset_norm'], False), (['--no-dataset_norm'], False)]:
+        assert evaluator.parse_args(['lineareval', 'w.pth', 'demo', *flag]).dataset_norm is expected
+    assert get_args_parser().parse_args(['--no_pin_mem']).pin_mem is False

@@ -60,8 +60,10 @@ def add_probe(p: argparse.ArgumentParser) -> None:
     d = ProbeConfig()
     p.add_argument('--output_layers', type=int, nargs='+', default=[-1],
                    help='blocks whose features are concatenated (-1: final output); e.g. --output_layers -1 -2')
-    p.add_argument('--dataset_norm', action=argparse.BooleanOptionalAction, default=True,
-                   help='normalise LMS with training-set stats as EVAR does (--no-dataset_norm: per batch)')
+    p.add_argument('--dataset_norm', action='store_true', default=True,
+                   help='normalise LMS with training-set stats as EVAR does (the default)')
+    p.add_argument('--no_dataset_norm', '--no-dataset_norm', action='store_false', dest='dataset_norm',
+                   help='normalise each batch with its own stats instead, like RuntimeM2D.encode')
     p.add_argument('--lr', type=float, default=d.lr, help='linear probe learning rate (Adam)')
     p.add_argument('--epochs', type=int, default=d.epochs, help='linear probe epochs at most')
     p.add_argument('--patience', type=int, default=d.patience, help='early stopping patience (epochs on valid)')
