@@ -10,6 +10,8 @@ repository this file really lives in (the symlink is followed), so EVAR needs no
 import sys
 from pathlib import Path
 
+import torch
+
 try:
     import m2d.runtime_audio  # noqa: F401  (an installed m2d)
 except ImportError:
@@ -39,8 +41,11 @@ class AR_M2D(BaseAudioRepr):
         self.norm_stats = None
 
     def precompute(self, device, data_loader):
-        """Dataset normalisation stats [mean, std] of the training LMS."""
-        self.norm_stats = calculate_norm_stats(device, data_loader, self.runtime.to_feature)
+        """Normalisation stats [mean, std]: the runtime's fixed ones (stored with later-format weights, or
+        given as norm_stats), else those of the training LMS."""
+        fixed = self.runtime.norm_stats
+        self.norm_stats = (torch.tensor(fixed) if fixed is not None
+                           else calculate_norm_stats(device, data_loader, self.runtime.to_feature))
 
     def normalize(self, lms):
         if self.norm_stats is None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from util.checkpoint import open_atomic, save_npy_atomic
+from util.atomic import open_atomic, save_npy_atomic
 
 from .audio_io import AudioReadError, load_audio
 from .lms import LogMelSpectrogram

@@ -15,7 +15,7 @@ from m2d.engine_pretrain import Precision, Schedule, optimizer_step
 from m2d.models_mae import M2DViT
 from m2d.pretrain import build_model, build_optimizer, cli, get_args_parser, main, save_checkpoint
 from m2d.runtime_audio import RuntimeM2D
-from util.checkpoint import load_checkpoint
+from m2d.checkpoint import load_checkpoint
 from util.schedules import cosine_lr, ema_decay, scaled_lr
 
 REPO = Path(__file__).resolve().parents[1]

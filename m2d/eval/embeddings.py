@@ -18,7 +18,7 @@ from tqdm import tqdm
 from m2d.audio_io import load_audio
 from m2d.lms import RunningMeanStd
 from m2d.runtime_audio import RuntimeM2D
-from util.checkpoint import save_npy_atomic
+from util.atomic import save_npy_atomic
 
 from .tasks import TaskData
 
