@@ -31,7 +31,8 @@ class SemanticProjector(nn.Module):
     def __init__(self, dim: int, depth: int, mlp_ratio: float):
         super().__init__()
         self.sem_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.sem_blocks = nn.ModuleList([Block(dim, 1, mlp_ratio, qkv_bias=True) for _ in range(depth)])
+        self.sem_blocks = nn.ModuleList([Block(dim, 1, mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
+                                         for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -429,14 +429,17 @@ class RuntimeM2D(nn.Module):
 
     # ----- M2D-CLAP -------------------------------------------------------------------------------
 
+    def _require_clap(self) -> None:
+        if not hasattr(self, 'audio_proj'):
+            raise ValueError(f'{self.cfg.weight_file} is not an M2D-CLAP checkpoint (no audio_proj/text_proj weights)')
+
     def project_audio(self, features: torch.Tensor) -> torch.Tensor:
         """Audio features [B, T, D] (flat tokens) or [B, T, D * F/pf] (frames) -> CLAP audio embeddings [B, D'].
 
         The semantic-token projector reads all tokens; the MLP projector their mean (token order is
         irrelevant to both, so frame and flat features give the same result).
         """
-        if not hasattr(self, 'audio_proj'):
-            raise ValueError(f'{self.cfg.weight_file} is not an M2D-CLAP checkpoint (no audio_proj/text_proj weights)')
+        self._require_clap()
         B, T, D = features.shape
         if D == self.grid_f * self.embed_dim and D != self.embed_dim:
             features = features.reshape(B, T * self.grid_f, self.embed_dim)
@@ -449,13 +452,13 @@ class RuntimeM2D(nn.Module):
 
     def encode_clap_audio(self, batch_audio: AudioLike) -> torch.Tensor:
         """Audio [B, S] -> CLAP audio embeddings [B, D'] in the space shared with encode_clap_text."""
+        self._require_clap()
         return self.project_audio(self.encode(batch_audio))
 
     def encode_clap_text(self, texts: list[str]) -> torch.Tensor:
         """Texts -> CLAP text embeddings [B, D'] (float32, on the CPU as the later runtime), with the text
         encoder from the local folder cfg.text_encoder (loaded on first use)."""
-        if not hasattr(self, 'text_proj'):
-            raise ValueError(f'{self.cfg.weight_file} is not an M2D-CLAP checkpoint (no audio_proj/text_proj weights)')
+        self._require_clap()
         if not hasattr(self, 'text_model'):
             kind = self.spec.name_extra[0] if self.spec.name_extra else 'A'  # e.g. ...p16kpBpTI -> 'B'
             self.text_model = TextEncoder(self.cfg.text_encoder, kind, self._text_weights).to(self.device)

@@ -1,0 +1,134 @@
+"""The M2D family's later weight formats: RuntimeM2D equals the later runtime (portable_m2d.py) on the same
+weights and audio. The weights are rebuilt from seeds (tests/portable_layouts.py); the references were
+recorded by tests/reference/make_portable_refs.py."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from einops import rearrange
+from portable_layouts import LAYOUTS, SUBSAMPLE
+
+from m2d.runtime_audio import RuntimeM2D
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+REFS = np.load(Path(__file__).parent / 'reference' / 'portable_m2d_refs.npz')
+TOL = dict(atol=2e-4, rtol=1e-3)
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp('released')
+    return {layout.name: (layout, layout.save(root)) for layout in LAYOUTS}
+
+
+def outputs(runtime: RuntimeM2D, layout) -> dict[str, torch.Tensor]:
+    audio = layout.audio()
+    with torch.inference_mode():
+        out = {'encode': lambda: runtime.encode(audio)[..., ::SUBSAMPLE], 'logits': lambda: runtime(audio)[..., ::SUBSAMPLE],
+               'clap_audio': lambda: runtime.encode_clap_audio(audio)}
+        return {name: out[name]() for name in layout.outputs}
+
+
+@pytest.mark.parametrize('name', [layout.name for layout in LAYOUTS])
+def test_equals_the_later_runtime(saved, name):
+    layout, path = saved[name]
+    runtime = RuntimeM2D(weight_file=str(path), **layout.runtime)
+    for output, value in outputs(runtime, layout).items():
+        want = torch.from_numpy(REFS[f'{name}/{output}'])
+        assert value.shape == want.shape, output
+        torch.testing.assert_close(value, want, **TOL, msg=f'{name}/{output}')
+    check = CHECKS.get(name)
+    if check:
+        check(runtime, path)
+
+
+def first_release(runtime, path):
+    # Given stats, it runs as the later runtime; by itself it keeps the first release's conventions.
+    assert runtime.cfg.last_chunk == 'trim' and runtime.spec.sources['model'] == 'checkpoint'
+    assert len(runtime.backbone.decoder_blocks) == 2 and not runtime.backbone.encoder_only
+    published = RuntimeM2D(weight_file=str(path), encoder_only=True)
+    assert (published.cfg.mean, published.cfg.std, published.cfg.last_chunk) == (None, None, 'pad')
+
+
+def later_p16k(runtime, path):
+    cfg = runtime.cfg
+    assert (cfg.sr, cfg.last_chunk) == ('16k', 'trim') and (cfg.mean, cfg.std) == pytest.approx((-7.25, 4.35))
+    lms = torch.randn(1, 1, 80, 301)
+    whole, rest = runtime.encode_lms(lms[..., :208]), runtime.encode_lms(lms[..., 208:])
+    torch.testing.assert_close(runtime.encode_lms(lms), torch.cat([whole, rest], dim=1))  # the tail alone
+
+
+def as_p32k_enconly(runtime, path):
+    cfg = runtime.cfg
+    assert (cfg.sr, cfg.sample_rate, cfg.n_fft, cfg.hop_size, cfg.f_max) == ('32k', 32000, 800, 320, 16000)
+    assert runtime.backbone.encoder_only and runtime.cfg.model == 'm2d_as_vit_base'
+
+
+def frames_40ms(runtime, path):
+    assert runtime.cfg.patch_size == [16, 4] and runtime.encode(torch.zeros(1, 40000).uniform_(-1, 1)).shape[1] == 63
+
+
+def as_with_heads(runtime, path):
+    assert runtime.spec.extra_parts == ['offline_predictor'] and runtime.spec.norm_stats == pytest.approx((-7.2, 4.3))
+
+
+def evar_finetuned(runtime, path):
+    assert runtime.cfg.feature_d == 3840 and not runtime.cfg.flat_features
+    assert set(runtime.spec.extra_parts) == {'head'}
+    plain = RuntimeM2D(weight_file=str(path))  # no num_classes: frame features, the head left unused
+    assert not hasattr(plain, 'head') and plain(torch.zeros(1, 16000).uniform_(-1, 1)).shape == (1, 7, 3840)
+
+
+def clap(runtime, path):
+    audio = torch.zeros(1, 24000).uniform_(-1, 1)
+    tokens = runtime.encode(audio)
+    frames = rearrange(tokens, 'b (f t) d -> b t (f d)', f=runtime.grid_f)  # one chunk: frame layout
+    torch.testing.assert_close(runtime.project_audio(frames), runtime.project_audio(tokens), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match='text_encoder= to a local folder'):
+        runtime.encode_clap_text(['a dog barks'])
+
+
+def clap_semantic(runtime, path):
+    clap(runtime, path)
+    assert set(runtime.spec.extra_parts) == {'audio_proj', 'text_proj', 'text_encoder'}
+    assert runtime.spec.name_extra == ['B', 'TI'] and isinstance(runtime.text_proj, torch.nn.Sequential)
+
+
+CHECKS = {'first_release': first_release, 'later_p16k': later_p16k, 'as_p32k_enconly': as_p32k_enconly,
+          'frames_40ms': frames_40ms, 'as_with_heads': as_with_heads, 'evar_finetuned': evar_finetuned,
+          'clap_mlp': clap, 'clap_semantic': clap_semantic}
+
+
+# ----- the later runtime's keywords, on a tiny model ------------------------------------------------
+
+def test_dur_frames_encodes_in_one_piece(tiny_ckpt):
+    from timm.layers import resample_abs_pos_embed
+    lms = torch.randn(2, 1, 80, 400)
+    base = RuntimeM2D(weight_file=str(tiny_ckpt), last_chunk='trim')
+    short = RuntimeM2D(weight_file=str(tiny_ckpt), dur_frames=96)
+    assert short.cfg.input_size == [80, 96] and short.backbone.encoder_only and short.cfg.last_chunk == 'trim'
+    torch.testing.assert_close(short.encode_lms(lms[..., :90]), base.encode_lms(lms[..., :90]))  # first 6 columns
+    long = RuntimeM2D(weight_file=str(tiny_ckpt), dur_frames=400)
+    expected = resample_abs_pos_embed(base.backbone.pos_embed, [5, 25], [5, 13], antialias=False)
+    torch.testing.assert_close(long.backbone.pos_embed, expected)
+    assert long.encode_lms(lms).shape == (2, 25, 960)
+
+
+def test_task_head_freeze_embed_and_evar_style_cfg(tiny_ckpt):
+    cfg = {'weight_file': str(tiny_ckpt), 'num_classes': 3, 'freeze_embed': True, 'output_layers': [-1, 0],
+           'mean': -5.0, 'std': 3.0}
+    runtime = RuntimeM2D(cfg=cfg)
+    audio = torch.zeros(2, 16000).uniform_(-1, 1)
+    logits = runtime.train()(audio)
+    assert logits.shape == (2, 3) and logits.requires_grad
+    assert not any(p.requires_grad for p in runtime.backbone.patch_embed.parameters())
+    assert runtime.backbone.blocks[0].attn.qkv.weight.requires_grad
+    runtime.eval()
+    frames = runtime.encode(audio)
+    torch.testing.assert_close(runtime(audio), runtime.head(frames.mean(1)))
+    torch.testing.assert_close(frames, runtime.encode_lms((runtime.to_feature(audio) + 5.0) / 3.0))
+    # The caller's extra keys stay readable; the settled settings are written back into its config.
+    assert runtime.cfg.output_layers == [-1, 0] and runtime.cfg.get('missing', 'x') == 'x'
+    assert cfg['feature_d'] == 960 and cfg['model'] == 'm2d_vit_tiny' and cfg['input_size'] == [80, 208]
+    assert (cfg['mean'], cfg['std'], runtime.cfg.last_chunk) == (-5.0, 3.0, 'trim')
