@@ -154,7 +154,7 @@ def build_backbone(cfg: Config) -> tuple[MaskedAutoencoderViT, ModelSpec, Checkp
         grid_f, width = cfg.input_size[0] // cfg.patch_size[0], int(cfg.dur_frames) // cfg.patch_size[1]
         if state is not None:
             state['pos_embed'] = adapt_positions(state['pos_embed'], grid_f, width)
-        cfg.input_size = kwargs['img_size'] = [cfg.input_size[0], width * cfg.patch_size[1]]
+        cfg.input_size = kwargs['img_size'] = [cfg.input_size[0], int(cfg.dur_frames)]
     model = create_model(backbone_model(cfg.model), **kwargs)
     if state is not None:
         load_state_strict(model, state, f'{cfg.model}(input {cfg.input_size}, patch {cfg.patch_size}, {len(model.blocks)} '
@@ -395,7 +395,8 @@ class RuntimeM2D(nn.Module):
         if self.cfg.last_chunk == 'pad' or T % W == 0:
             return [(lms, W)]
         whole = T // W * W
-        rest = F.pad(lms[..., whole:], (0, -(T - whole) % pt))
+        # Whole patches, but never wider than W (a W that is no multiple of pt, e.g. 1001, ends in a partial patch).
+        rest = F.pad(lms[..., whole:], (0, min(-(T - whole) % pt, W - (T - whole))))
         return ([(lms[..., :whole], W)] if whole else []) + [(rest, rest.shape[-1])]
 
     def encode_lms(self, lms: AudioLike, return_layers: bool = False):

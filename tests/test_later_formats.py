@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from einops import rearrange
+from conftest import make_checkpoint
 from portable_layouts import LAYOUTS, SUBSAMPLE
 
 from m2d.runtime_audio import RuntimeM2D
@@ -132,3 +133,31 @@ def test_task_head_freeze_embed_and_evar_style_cfg(tiny_ckpt):
     assert runtime.cfg.output_layers == [-1, 0] and runtime.cfg.get('missing', 'x') == 'x'
     assert cfg['feature_d'] == 960 and cfg['model'] == 'm2d_vit_tiny' and cfg['input_size'] == [80, 208]
     assert (cfg['mean'], cfg['std'], runtime.cfg.last_chunk) == (-5.0, 3.0, 'trim')
+
+
+def test_evaluator_uses_stored_stats(tiny_ckpt, tmp_path):
+    from m2d.eval.embeddings import clip_loader, task_embeddings
+    from m2d.eval.tasks import load_task, resolve_task
+    from m2d.synth import write_labelled_task
+    ckpt = torch.load(tiny_ckpt)
+    ckpt['model']['norm_stats'] = torch.tensor([-6.0, 3.0])
+    path = tmp_path / 'm2d_vit_tiny-80x208p16x16p16k-240101' / 'checkpoint-1.pth'
+    path.parent.mkdir()
+    torch.save(ckpt, path)
+    task = load_task(resolve_task(str(write_labelled_task(tmp_path / 'task', n_per_class=(2, 1, 1), seconds=0.5))))
+    emb, _ = task_embeddings(path, task, dataset_norm=True, batch_size=4, cache_dir='')
+    runtime = RuntimeM2D(weight_file=str(path))
+    audio = next(iter(clip_loader(task.files[:4], 0.5, 4)))
+    expected = runtime.encode_lms((runtime.to_feature(audio) + 6.0) / 3.0).mean(1)
+    torch.testing.assert_close(torch.from_numpy(emb[:4]), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_width_that_is_no_multiple_of_the_patch_width(tmp_path):
+    # Like the 80x1001 weights: a full chunk loses its last 9 frames, and no chunk is ever wider than the model.
+    path = make_checkpoint(tmp_path, input_size=(80, 100))
+    pad, trim = RuntimeM2D(weight_file=str(path)), RuntimeM2D(weight_file=str(path), last_chunk='trim')
+    lms = torch.randn(1, 1, 80, 150)
+    torch.testing.assert_close(trim.encode_lms(lms[..., :99]), pad.encode_lms(lms[..., :99]))  # 99 -> 100 -> 6 patches
+    frames = trim.encode_lms(lms)  # 100 frames (6 patches), then 50 -> 64 frames (4 patches)
+    assert frames.shape == (1, 10, 960)
+    torch.testing.assert_close(frames[:, 6:], trim.encode_lms(lms[..., 100:]))
