@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import resample_abs_pos_embed
 
-from .checkpoint import (DEFAULT_NORM_STATS, FRONT_ENDS, PRETRAINING_PREFIXES, CheckpointParts, ModelSpec,
-                         backbone_model, describe, extract_state_dict, load_checkpoint, load_state_strict, split_state)
+from .checkpoint import (DEFAULT_NORM_STATS, EXTRA_PARTS, FRONT_ENDS, PRETRAINING_PREFIXES, CheckpointParts,
+                         ModelSpec, backbone_model, describe, extract_state_dict, load_checkpoint, load_state_strict,
+                         split_state)
 from .checkpoint import parse_size  # noqa: F401  (the size parser, also used from here)
 from .clap import TextEncoder, projection_from_state
 from .lms import LogMelSpectrogram
@@ -160,8 +161,6 @@ def build_backbone(cfg: Config) -> tuple[MaskedAutoencoderViT, ModelSpec, Checkp
         load_state_strict(model, state, f'{cfg.model}(input {cfg.input_size}, patch {cfg.patch_size}, {len(model.blocks)} '
                                         f'blocks{", encoder only" if cfg.encoder_only else ""})')
     log.info('Model: %s', spec)
-    if parts is not None and parts.extra:
-        log.info('%s also holds %s', path, parts.describe_extra())
     return model.eval(), spec, parts or CheckpointParts({})
 
 
@@ -249,6 +248,11 @@ class RuntimeM2D(nn.Module):
             self.audio_proj = projection_from_state(parts.extra.get('audio_proj'), 'audio_proj')
             self.text_proj = projection_from_state(parts.extra.get('text_proj'), 'text_proj')
         self._text_weights = parts.extra.get('text_encoder')
+        used = ('audio_proj', 'text_proj', 'text_encoder') + (('head',) if cfg.num_classes else ())
+        unused = [name for name in parts.extra if name not in used]
+        if unused:
+            log.warning('%s also holds %s; not used here', cfg.weight_file,
+                        ', '.join(f'{name} ({EXTRA_PARTS[name]})' for name in unused))
         self.to_spec = LogMelSpectrogram(cfg.sample_rate, cfg.n_fft, cfg.window_size, cfg.hop_size,
                                          cfg.n_mels, cfg.f_min, cfg.f_max)
         self.sample_rate = cfg.sample_rate

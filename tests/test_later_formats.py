@@ -161,3 +161,41 @@ def test_a_model_width_that_is_no_multiple_of_the_patch_width(tmp_path):
     frames = trim.encode_lms(lms)  # 100 frames (6 patches), then 50 -> 64 frames (4 patches)
     assert frames.shape == (1, 10, 960)
     torch.testing.assert_close(frames[:, 6:], trim.encode_lms(lms[..., 100:]))
+
+
+def test_unused_heads_are_reported_and_unknown_keys_fail(tiny_ckpt, tmp_path, caplog):
+    ckpt = torch.load(tiny_ckpt)
+    ckpt['model'].update({'offline_predictor.weight': torch.zeros(7, 960), 'offline_predictor.bias': torch.zeros(7)})
+    path = tmp_path / tiny_ckpt.parent.name / 'checkpoint-1.pth'
+    path.parent.mkdir()
+    torch.save(ckpt, path)
+    runtime = RuntimeM2D(weight_file=str(path))
+    assert runtime.spec.extra_parts == ['offline_predictor']
+    assert 'offline_predictor (the M2D-X/AS/S offline-target predictor (pre-training only)); not used here' in caplog.text
+    ckpt['model']['mystery.weight'] = torch.zeros(3)
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r'unexpected keys \(1\): mystery.weight'):
+        RuntimeM2D(weight_file=str(path))
+
+
+def test_encode_files_with_stored_stats_does_not_depend_on_batching(tiny_ckpt, tmp_path):
+    import soundfile as sf
+    from m2d.encode_files import encode_files
+    ckpt = torch.load(tiny_ckpt)
+    ckpt['model']['norm_stats'] = torch.tensor([-6.0, 3.0])
+    path = tmp_path / 'm2d_vit_tiny-80x208p16x16p16k-240101' / 'checkpoint-1.pth'
+    path.parent.mkdir()
+    torch.save(ckpt, path)
+    (tmp_path / 'wav').mkdir()
+    rng = np.random.default_rng(0)
+    for i, seconds in enumerate((1.0, 2.3, 2.3, 3.7)):  # last chunks of different lengths are encoded apart
+        sf.write(tmp_path / 'wav' / f'{i}.wav', rng.uniform(-0.5, 0.5, int(seconds * 16000)).astype(np.float32), 16000)
+    for batch_size in (1, 4):
+        encode_files(path, tmp_path / 'wav', tmp_path / f'out{batch_size}', frames=True, batch_size=batch_size,
+                     device='cpu', progress=False)
+    runtime = RuntimeM2D(weight_file=str(path))
+    for i in range(4):
+        one, four = (np.load(tmp_path / f'out{b}' / f'{i}.npy') for b in (1, 4))
+        np.testing.assert_allclose(four, one, atol=1e-5, rtol=1e-4)
+        audio = torch.from_numpy(sf.read(tmp_path / 'wav' / f'{i}.wav', dtype='float32')[0])[None]
+        np.testing.assert_allclose(one, runtime.encode(audio)[0].numpy(), atol=1e-5, rtol=1e-4)
