@@ -2,8 +2,8 @@
 one-line errors with exit status 2, a short line and status 130 on Ctrl-C, help that shows each
 option's default, one `--norm_stats` syntax, and checks that an output can be written before work starts.
 
-A tool module provides `add_arguments(parser)` and `run(args) -> exit status`; `run_tool` builds its
-parser and runs it. Its docstring is the tool's description.
+A tool module provides `add_arguments(parser)` and `run(args) -> exit status` (and optionally
+`complete_args(args, argv)`); `run_tool` builds its parser and runs it. Its docstring is the tool's description.
 """
 import argparse
 import contextlib
@@ -72,8 +72,14 @@ def build_parser(module: ModuleType, prog: str) -> argparse.ArgumentParser:
 
 
 def run_tool(module: ModuleType, prog: str, argv: Optional[Sequence[str]] = None) -> int:
-    """Parse argv (default sys.argv[1:]) with the module's arguments and run it; -> exit status."""
-    return guarded(module.run, build_parser(module, prog).parse_args(argv))
+    """Parse argv (default sys.argv[1:]) with the module's arguments and run it; -> exit status. A module's
+    optional `complete_args(args, argv)` fills in values that depend on which flags were given (e.g.
+    pre-training's --resume takes the others from the checkpoint)."""
+    def parse_and_run() -> int:
+        args = build_parser(module, prog).parse_args(argv)
+        complete = getattr(module, 'complete_args', None)
+        return module.run(complete(args, argv) if complete else args)
+    return guarded(parse_and_run)
 
 
 def guarded(run, *args) -> int:

@@ -29,7 +29,7 @@ from m2d.eval.tasks import DEMO_DIR_ENV
 from m2d.models_mae import create_model
 from m2d.runtime_audio import RuntimeM2D, parse_size
 from m2d.synth import write_corpus
-from util.checkpoint import save_atomic
+from util.atomic import save_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,9 +7,10 @@ itself when it ends in .npy), as float32:
 - by default a clip embedding [D]: the time mean of the frame embeddings (get_scene_embeddings);
 - with --frames the frame embeddings [T, D], one per 160 ms (RuntimeM2D.encode).
 
-Normalisation of the log-mel spectrograms: by default each clip with its own mean and std, so a
+Normalisation of the log-mel spectrograms: by default the runtime's, i.e. the fixed statistics that
+later-format weights store, else (first-release weights) each clip with its own mean and std; so a
 file's embedding never depends on the other files or on the batch size (it equals
-`runtime.get_scene_embeddings(audio[None])`). --norm_stats "[MEAN, STD]" uses fixed statistics and
+`runtime.get_scene_embeddings(audio[None])`). --norm_stats "[MEAN, STD]" uses the given statistics and
 --dataset_norm computes them over all the input files first (a pass that reads every file once).
 
 Files that cannot be read, are empty or truncated, shorter than one patch (150 ms), or digital
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from util.checkpoint import remove_stale_temp_files, save_npy_atomic
+from util.atomic import remove_stale_temp_files, save_npy_atomic
 
 from .audio_io import AUDIO_SUFFIXES, AudioReadError, find_audio_files, load_audio
 from .cli import (LOAD_ERRORS, Interrupted, UsageError, add_norm_stats_argument, check_writable, describe_interrupt,
@@ -104,13 +105,22 @@ class _Encoder:
     def encode(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
         """Normalised LMS [1, 1, F, T_i] each -> frame embeddings [ceil(T_i / pt), D] each.
 
-        Zero-padding to the longest clip is what encode_lms pads with anyway, and padded frames
-        are cut off again, so each result equals encoding that clip alone.
+        Zero-padding to the longest clip is what encode_lms pads with anyway (last_chunk 'pad'), and
+        padded frames are cut off again, so each result equals encoding that clip alone. With 'trim'
+        a clip's last chunk is encoded at its own length, so only clips of one length share a pass.
         """
-        longest = max(x.shape[-1] for x in batch)
-        frames = self.runtime.encode_lms(torch.cat([F.pad(x, (0, longest - x.shape[-1])) for x in batch]))
-        pt = self.runtime.cfg.patch_size[1]
-        return [frames[i, :math.ceil(x.shape[-1] / pt)] for i, x in enumerate(batch)]
+        trim, pt = self.runtime.cfg.last_chunk == 'trim', self.runtime.cfg.patch_size[1]
+        groups: dict[int, list[int]] = {}
+        for i, x in enumerate(batch):
+            groups.setdefault(x.shape[-1] if trim else 0, []).append(i)
+        out = [None] * len(batch)
+        for members in groups.values():
+            longest = max(batch[i].shape[-1] for i in members)
+            frames = self.runtime.encode_lms(torch.cat([F.pad(batch[i], (0, longest - batch[i].shape[-1]))
+                                                        for i in members]))
+            for row, i in enumerate(members):
+                out[i] = frames[row, :math.ceil(batch[i].shape[-1] / pt)]
+        return out
 
 
 def dataset_norm_stats(encoder: _Encoder, files: list[Path], report: EncodeReport,
@@ -171,8 +181,9 @@ def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], ou
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         runtime = RuntimeM2D(weight_file=str(weight_file), **settings)
-    except LOAD_ERRORS as e:
-        raise UsageError(f'cannot use the weight file {weight_file}: {e}') from None
+    except LOAD_ERRORS as e:  # the checkpoint errors name the file; others get it added
+        raise UsageError(str(e) if str(weight_file) in str(e) else f'cannot use the weight file {weight_file}: {e}') \
+            from None
     runtime = runtime.to(device).eval()
     encoder = _Encoder(runtime, None if norm_stats is None else (float(norm_stats[0]), float(norm_stats[1])))
     try:
@@ -222,6 +233,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', default='', help='model name, if the weight folder name does not tell it')
     parser.add_argument('--input_size', default=None, help='model input FxT (e.g. 80x608), with --model')
     parser.add_argument('--patch_size', default=None, help='patch size FxT (e.g. 16x16), with --model')
+    parser.add_argument('--trust_checkpoint', action='store_true',
+                        help='unpickle anything in the weight file (it could run code): only for files you trust')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -230,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         report = encode_files(args.weights, args.input, args.output, frames=args.frames, norm_stats=args.norm_stats,
                               dataset_norm=args.dataset_norm, device=args.device, batch_size=args.batch_size,
                               overwrite=args.overwrite, model=args.model, input_size=args.input_size,
-                              patch_size=args.patch_size)
+                              patch_size=args.patch_size, trust_checkpoint=args.trust_checkpoint)
     except (FileNotFoundError, ValueError) as e:  # bad arguments or inputs: one line
         raise UsageError(str(e)) from None
     if not (report.encoded or report.skipped or report.failed):

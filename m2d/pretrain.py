@@ -30,17 +30,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from util import dist as distutil
-from util.checkpoint import load_checkpoint, open_atomic, remove_stale_temp_files, save_atomic
+from util.atomic import open_atomic, remove_stale_temp_files
 from util.schedules import scaled_lr
 
+from .checkpoint import (CheckpointError, extract_state_dict, load_checkpoint, load_state_strict, parse_size,
+                         run_name, save_checkpoint, saved_args, split_state)
 from .cli import (LOAD_ERRORS, HelpFormatter, Interrupted, OutputError, UsageError, add_norm_stats_argument,
                   check_writable, guarded, parse_numbers, writing)
 from .data import (NORM_STATS_CROPS, SpectrogramDataset, check_files, compute_norm_stats, load_vis_samples,
                    read_file_list)
 from .engine_pretrain import NonFiniteLossError, Precision, Schedule, train_one_epoch
 from .models_mae import MODELS, MaskedAutoencoderViT, create_model
-from .runtime_audio import (FOLDER_NAME_FORMAT, extract_state_dict, load_state_strict, parse_size,
-                            parse_sizes_by_name)
 from .visualize import save_mask_figure
 
 REPO = Path(__file__).resolve().parents[1]  # train_audio.py, quick_eval.sh and all_eval.sh in a checkout
@@ -117,7 +117,10 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     p.add_argument('--log_dir', default='', type=str, help='TensorBoard folder (default: the run folder)')
     p.add_argument('--device', default='cuda', type=str, help="'cuda' or 'cpu'")
     p.add_argument('--seed', default=0, type=int, help='seed of the weights, data order, crops and masks')
-    p.add_argument('--resume', default='', type=str, help='checkpoint to continue from')
+    p.add_argument('--resume', default='', type=str,
+                   help="checkpoint to continue from; its stored args fill every flag not given on the command line")
+    p.add_argument('--trust_checkpoint', action='store_true',
+                   help='let --resume unpickle anything in the file (it could run code): only for files you trust')
     p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set from the checkpoint on --resume)')
     p.add_argument('--eval_scripts', default='', type=str,
                    help='folder of quick_eval.sh / all_eval.sh (default: the folder of the training script)')
@@ -127,20 +130,49 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     p.add_argument('--dist_url', default='env://', help='process-group rendezvous')
 
 
+# Stored args that a resumed run takes from the command line or its own situation, never from the checkpoint.
+NOT_RESUMED = ('resume', 'start_epoch', 'stop_at', 'output_dir', 'trust_checkpoint', 'world_size', 'local_rank',
+               'dist_url')
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> set[str]:
+    """The destinations of the flags given on the command line: `parser` (a fresh one) parses argv
+    again with its defaults removed, so only what was given is set."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    parser._defaults.clear()
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
+def parse_args(argv: Optional[list[str]] = None, mae: bool = False) -> argparse.Namespace:
+    """Parse the command line of train_audio.py (mae=True: mae_train_audio.py); see complete_args."""
+    return complete_args(get_args_parser(mae).parse_args(argv), argv, mae)
+
+
+def complete_args(args: argparse.Namespace, argv: Optional[list[str]], mae: bool = False) -> argparse.Namespace:
+    """With --resume, the checkpoint's stored args fill every flag not given on the command line `argv`.
+
+    So `--resume RUN/checkpoint-N.pth` alone continues the run as it was started, and any flag given
+    (e.g. --epochs 400) overrides the stored one. lr is derived again from --blr when a flag it
+    depends on (--blr, --batch_size, --accum_iter) is given without --lr.
+    """
+    if not args.resume:
+        return args
+    try:
+        stored = saved_args(load_checkpoint(args.resume, trust=args.trust_checkpoint))
+    except LOAD_ERRORS as e:
+        raise UsageError(f'--resume: {e}') from None
+    given = explicit_flags(get_args_parser(mae), argv)
+    for key, value in stored.items():
+        if hasattr(args, key) and key not in given and key not in NOT_RESUMED:
+            setattr(args, key, value)
+    if given & {'blr', 'batch_size', 'accum_iter'} and 'lr' not in given:
+        args.lr = None
+    return args
+
+
 def is_m2d(model_name: str) -> bool:
     return model_name.startswith('m2d')
-
-
-def short_conf(args: argparse.Namespace) -> str:
-    """'mr7' for mask ratio 0.7, 'mr75' for 0.75 (the published folder suffix)."""
-    return 'mr' + f'{args.mask_ratio:g}'.split('.')[-1]
-
-
-def run_name(args: argparse.Namespace, date: Optional[datetime.date] = None) -> str:
-    """e.g. m2d_vit_base-80x608p16x16-220930-mr7; RuntimeM2D reads the model and sizes back from it."""
-    (F, T), (pf, pt) = args.input_size, args.patch_size
-    date = date or datetime.date.today()
-    return f'{args.model}-{F}x{T}p{pf}x{pt}-{date:%y%m%d}-{short_conf(args)}'
 
 
 def unused_folder(name: str) -> Path:
@@ -345,21 +377,17 @@ class RunResult:
     eval_processes: list = field(default_factory=list)
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, args, rng_states) -> Path:
-    """checkpoint-N.pth: model (full state dict, EMA target included), optimizer, epoch (= epochs done;
-    the sampler epoch follows from it), scaler, args, and every rank's RNG states for an exact resume."""
-    return save_atomic({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-                        'scaler': scaler.state_dict(), 'args': args, 'rng': rng_states}, path)
-
-
 def resume_from(checkpoint: dict, args: argparse.Namespace, info: distutil.DistInfo, model: nn.Module,
                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, print_fn: Callable[[str], None]) -> int:
     """Restore weights, optimizer, scaler and this rank's RNG from a checkpoint; -> epochs done."""
     try:
-        load_state_strict(model, extract_state_dict(checkpoint, args.resume),
-                          f'--model {args.model} --input_size {args.input_size} --depth {args.depth}')
-    except ValueError as e:
+        parts = split_state(extract_state_dict(checkpoint, args.resume))
+        load_state_strict(model, parts.model, f'--model {args.model} --input_size {args.input_size} '
+                                              f'--depth {args.depth} --decoder_depth {args.decoder_depth}')
+    except CheckpointError as e:
         raise UsageError(f'--resume {args.resume}: {e}') from None
+    if parts.extra:
+        print_fn(f'Note: {args.resume} also holds {parts.describe_extra()}; this model does not use them')
     if 'optimizer' not in checkpoint:  # e.g. released weights: continue from them with a fresh optimizer
         print_fn(f'Note: {args.resume} holds weights only; the optimizer starts afresh at epoch {args.start_epoch}')
         return args.start_epoch
@@ -398,12 +426,12 @@ def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> 
     checkpoint = None
     if args.resume:
         try:
-            checkpoint = load_checkpoint(args.resume)
+            checkpoint = load_checkpoint(args.resume, trust=args.trust_checkpoint)
         except LOAD_ERRORS as e:
-            raise UsageError(f'--resume {args.resume}: {e}') from None
-        saved = checkpoint.get('args') if isinstance(checkpoint, dict) else None
-        if args.norm_stats is None and getattr(saved, 'norm_stats', None):
-            args.norm_stats = list(saved.norm_stats)  # the same normalisation as before the stop
+            raise UsageError(f'--resume: {e}') from None
+        stored_stats = saved_args(checkpoint).get('norm_stats')
+        if args.norm_stats is None and stored_stats:
+            args.norm_stats = list(stored_stats)  # the same normalisation as before the stop
     if not args.output_dir:
         name = Path(args.resume).parent if args.resume else unused_folder(run_name(args))
         args.output_dir = str(distutil.broadcast_object(name))
@@ -411,11 +439,6 @@ def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> 
     with console_copy(info.is_main) as console:
         try:
             print_fn(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {" ".join(sys.argv)}')
-            try:
-                parse_sizes_by_name(out.resolve().name)
-            except ValueError:
-                print_fn(f'Note: the run folder name {out.resolve().name!r} does not follow {FOLDER_NAME_FORMAT}; '
-                         'RuntimeM2D and the evaluation scripts will need the model and sizes given explicitly')
             files, args.norm_stats = prepare_data(args, info, print_fn)
             if len(files) // info.world_size < args.batch_size:
                 raise UsageError(f'{len(files)} files are too few for one batch of {args.batch_size} per process '
@@ -569,4 +592,4 @@ def run(args: argparse.Namespace, script_dir: Optional[Path] = None) -> int:
 def cli(mae: bool = False, script_dir: Optional[Path] = None, argv: Optional[list[str]] = None) -> int:
     """Entry point of train_audio.py / mae_train_audio.py: parse, train, and turn known failures into
     a message and an exit status (2: bad arguments or data, 1: non-finite loss, 130: interrupted)."""
-    return guarded(run, get_args_parser(mae).parse_args(argv), script_dir)
+    return guarded(lambda: run(parse_args(argv, mae), script_dir))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from util.checkpoint import open_atomic, remove_stale_temp_files, save_npy_atomic
+from util.atomic import open_atomic, remove_stale_temp_files, save_npy_atomic
 
 from .audio_io import AudioReadError, load_audio
 from .cli import Interrupted, UsageError, check_writable, describe_interrupt, writing

@@ -10,7 +10,7 @@ from test_wav_to_lms import _write
 from m2d.__main__ import COMMANDS, main
 from m2d.cli import build_parser, parse_norm_stats
 from m2d.pretrain import get_args_parser
-from util.checkpoint import load_checkpoint
+from m2d.checkpoint import load_checkpoint
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:

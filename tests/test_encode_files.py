@@ -155,7 +155,7 @@ def test_weight_and_output_problems_are_one_line_errors(tiny_ckpt, audio_dir, tm
     for weights, why in [(missing, 'not found'), (truncated, str(truncated)), (wrong, 'does not match')]:
         assert main(['encode', str(weights), str(audio_dir), str(tmp_path / 'out')]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f'error: cannot use the weight file {weights}: ') and why in err
+        assert err.startswith('error: ') and str(weights) in err and why in err
         assert 'Traceback' not in err  # (a mismatch lists the keys on a few more lines)
     assert not list((tmp_path / 'out').rglob('*.npy'))
 

@@ -47,12 +47,15 @@ def add_common(p: argparse.ArgumentParser, suite: bool = False) -> None:
     p.add_argument('--input_size', help='FxT, e.g. 80x608, when the folder name does not tell it')
     p.add_argument('--patch_size', help='pfxpt, e.g. 16x16')
     p.add_argument('--cls_token', action='store_true', help='prepend the [CLS] output to every frame feature')
+    p.add_argument('--trust_checkpoint', action='store_true',
+                   help='unpickle anything in the weight file (it could run code): only for files you trust')
 
 
 def runtime_settings(args) -> dict:
     out = dict(model=args.model, input_size=args.input_size, patch_size=args.patch_size)
-    if args.cls_token:
-        out['cls_token'] = True
+    for flag in ('cls_token', 'trust_checkpoint'):
+        if getattr(args, flag):
+            out[flag] = True
     return out
 
 

@@ -1,9 +1,7 @@
-"""Checkpoint I/O: atomic writes and tolerant, safe-first reads."""
-import argparse
+"""Atomic file writes: a crash mid-write leaves the previous file (or none), never a truncated one."""
 import contextlib
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import IO, Any, Iterator, Union
 
@@ -75,20 +73,3 @@ def save_npy_atomic(array: np.ndarray, path: Union[str, Path]) -> Path:
         np.save(f, array)
     return Path(path)
 
-
-def load_checkpoint(path: Union[str, Path]) -> Any:
-    """torch.load on CPU. Tries weights-only loading (with argparse.Namespace allowed, as training
-    checkpoints store their args) and falls back to full unpickling with a warning."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'weight file not found: {path}')
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as safe_error:
-        try:
-            obj = torch.load(path, map_location='cpu', weights_only=False)
-        except Exception as e:
-            raise RuntimeError(f'cannot read checkpoint {path}: {e}') from e
-        warnings.warn(f'{path} needed full unpickling ({type(safe_error).__name__}); load only files you trust')
-        return obj
