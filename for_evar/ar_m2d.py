@@ -1,14 +1,17 @@
 """M2D as an EVAR audio representation (nttcslab/eval-audio-repr), configured by m2d.yaml.
 
-Setup inside an EVAR checkout `evar/` next to this repository (README section 5):
-    ln -s ../../for_evar/ar_m2d.py evar/evar
-    ln -s ../../for_evar/m2d.yaml evar/config
-    (add `import evar.ar_m2d` to evar/lineareval.py and evar/finetune.py)
+Setup with an EVAR checkout cloned into this repository's folder as `evar/` (README section 5); works with
+the EVAR of the published numbers (a520758) and with EVAR HEAD, whose files of the same names the links replace:
+    ln -sf ../../for_evar/ar_m2d.py evar/evar
+    ln -sf ../../for_evar/m2d.yaml evar/config
+    (a520758 only: add `import evar.ar_m2d` to evar/lineareval.py and evar/finetune.py)
 m2d is imported from the environment when installed (`pip install -e /path/to/this/repo`), else from the
 repository this file really lives in (the symlink is followed), so EVAR needs no copy of the code.
 """
 import sys
 from pathlib import Path
+
+import torch
 
 try:
     import m2d.runtime_audio  # noqa: F401  (an installed m2d)
@@ -26,7 +29,8 @@ class AR_M2D(BaseAudioRepr):
 
     cfg (from m2d.yaml, overridable on EVAR's command line): weight_file, output_layers (blocks whose
     features are concatenated; [-1] = the final output), training_mask (token masking while fine-tuning),
-    cls_token and the mel settings. cfg.feature_d is set to the resulting embedding size.
+    cls_token, trust_checkpoint and the mel settings; other RuntimeM2D settings (e.g. norm_stats) with
+    EVAR's `+key=value`. cfg.feature_d is set to the resulting embedding size.
     """
 
     def __init__(self, cfg):
@@ -39,8 +43,11 @@ class AR_M2D(BaseAudioRepr):
         self.norm_stats = None
 
     def precompute(self, device, data_loader):
-        """Dataset normalisation stats [mean, std] of the training LMS."""
-        self.norm_stats = calculate_norm_stats(device, data_loader, self.runtime.to_feature)
+        """Normalisation stats [mean, std]: the runtime's fixed ones (stored with later-format weights, or
+        given as norm_stats), else those of the training LMS."""
+        fixed = self.runtime.norm_stats
+        self.norm_stats = (torch.tensor(fixed) if fixed is not None
+                           else calculate_norm_stats(device, data_loader, self.runtime.to_feature))
 
     def normalize(self, lms):
         if self.norm_stats is None:
@@ -60,7 +67,8 @@ class AR_M2D(BaseAudioRepr):
 
 
 class AR_M2D_BatchNormStats(AR_M2D):
-    """AR_M2D normalising each batch with its own mean and std (RuntimeM2D.encode's way) instead of dataset stats."""
+    """AR_M2D normalising as RuntimeM2D.encode does instead of with dataset stats: each batch with its own mean
+    and std (first-release weights), or with the stats later weights store."""
 
     def precompute(self, device, data_loader):
         pass

@@ -1,7 +1,8 @@
 """Reading audio files as 16 kHz mono float32, bit for bit as the published pipeline did with
 librosa.load(path, sr=16000, mono=True) (librosa 0.10/0.11), without importing librosa."""
+import struct
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import soundfile as sf
@@ -46,19 +47,47 @@ def mix_to_mono(wav: np.ndarray) -> np.ndarray:
     return mono / np.float32(channels) if channels > 1 else mono
 
 
+def wav_declared_frames(path: Union[str, Path]) -> Optional[int]:
+    """The frame count the header of a RIFF/RF64 WAV file declares for its data chunk; None for other
+    formats, or when the header leaves the length open (streamed files: size 0 or 0xFFFFFFFF)."""
+    with open(path, 'rb') as f:
+        riff = f.read(12)
+        if len(riff) < 12 or riff[:4] not in (b'RIFF', b'RF64') or riff[8:12] != b'WAVE':
+            return None
+        block_align, data64 = 0, None
+        while True:
+            header = f.read(8)
+            if len(header) < 8:
+                return None
+            chunk, size = header[:4], struct.unpack('<I', header[4:])[0]
+            if chunk == b'data':
+                size = data64 if size == 0xFFFFFFFF and data64 is not None else size
+                return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+            body = f.read(min(size, 64)) if chunk in (b'fmt ', b'ds64') else b''
+            if chunk == b'fmt ' and len(body) >= 14:
+                block_align = struct.unpack('<H', body[12:14])[0]
+            if chunk == b'ds64' and len(body) >= 16:
+                data64 = struct.unpack('<Q', body[8:16])[0]  # RF64: the real data size
+            f.seek(size + (size & 1) - len(body), 1)  # chunks are padded to an even size
+
+
 def load_audio(path: Union[str, Path], sample_rate: int = 16000) -> np.ndarray:
     """Read any soundfile-readable file -> mono float32 [S] at `sample_rate`, S = ceil(S_file * sample_rate / sr).
 
     Equal to librosa.load(path, sr=sample_rate, mono=True)[0]: samples decoded as float32, the mean
     of the channels, soxr 'HQ' resampling. Raises AudioReadError naming the file when it cannot be
-    decoded, is empty, or holds NaN/inf samples (librosa rejects those too).
+    decoded, is empty, is a WAV file shorter than its header says (libsndfile would silently return the
+    part that is there), or holds NaN/inf samples (librosa rejects those too).
     """
     try:
         wav, sr = sf.read(str(path), dtype='float32', always_2d=True)
+        declared = wav_declared_frames(path)
     except Exception as e:  # soundfile raises several types for missing/corrupt/unknown formats
         raise AudioReadError(f'{path}: cannot read audio ({e})') from e
     if wav.shape[0] == 0:
         raise AudioReadError(f'{path}: the file holds no audio samples')
+    if declared is not None and declared > wav.shape[0]:
+        raise AudioReadError(f'{path}: truncated: header says {declared} samples, file holds {wav.shape[0]}')
     wav = mix_to_mono(wav)
     if not np.isfinite(wav).all():
         raise AudioReadError(f'{path}: the audio holds NaN or inf samples')

@@ -4,6 +4,7 @@ The CSV has a `file_name` column with paths relative to the data folder; each fi
 (1, F, T). An item is a random crop of `crop_frames` frames (right zero-padded in log space when the
 file is shorter), normalised with dataset statistics: (x - mean) / std.
 """
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -20,25 +21,62 @@ NORM_STATS_CROPS = 10_000  # crops drawn to estimate the normalisation statistic
 EPS = float(np.finfo(np.float32).eps)
 
 
-def read_file_list(csv_path: PathLike) -> list[str]:
-    """The sorted `file_name` column of a CSV (paths relative to the data folder)."""
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f'dataset CSV not found: {csv_path}. Give the file list with --dataset; it needs a '
-                                "'file_name' column of .npy paths relative to --data_path (see README, Pre-training)")
-    df = pd.read_csv(csv_path)
-    if 'file_name' not in df.columns:
-        raise ValueError(f"{csv_path} has no 'file_name' column (columns: {list(df.columns)}); the first line "
-                         "must be the header 'file_name', then one .npy path per line, relative to --data_path")
-    files = sorted(str(f) for f in df['file_name'].dropna())
-    if not files:
-        raise ValueError(f'{csv_path} lists no files')
-    return files
+def read_table(path: PathLike, what: str = 'CSV', **read_csv_kwargs) -> pd.DataFrame:
+    """pd.read_csv with one-line errors that name the file (missing, empty, not a CSV). Only empty
+    fields are missing values (NaN): a name or label such as 'NA' or 'None' stays a string."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{what} not found: {path}')
+    try:
+        return pd.read_csv(path, keep_default_na=False, na_values=[''], **read_csv_kwargs)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f'{what} {path} is empty; it needs a header line, then one row per file') from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f'{what} {path} is not a readable CSV file ({str(e).strip()})') from None
+
+
+def leaves_folder(name: str) -> bool:
+    """Whether a relative path from a file list points outside its base folder: absolute, or climbing
+    out with '..'. Compared as written (lexically), so symlinks inside the folder may point anywhere."""
+    return os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir
+
+
+def check_relative(names: Sequence[str], lines: Sequence[int], listing: PathLike, base_option: str) -> None:
+    """Raise ValueError naming the first few `names` (at `lines` of the `listing` file) that leave their
+    base folder (see leaves_folder); `base_option` is the option that sets that folder."""
+    bad = [(n, line) for n, line in zip(names, lines) if leaves_folder(str(n))]
+    if bad:
+        shown = ', '.join(f'line {line}: {n}' for n, line in bad[:5]) + (', ...' if len(bad) > 5 else '')
+        raise ValueError(f'{listing}: {len(bad)} file names point outside {base_option} (absolute or with ..): '
+                         f'{shown}. List paths relative to {base_option}, or set {base_option} to a folder '
+                         f'that holds them all')
+
+
+def read_file_list(path: PathLike, what: str = 'dataset CSV', base_option: str = '--data_path') -> list[str]:
+    """The sorted file names of a list: a CSV's `file_name` column, or (for other suffixes, e.g. .txt)
+    one name per line. Names are paths relative to the folder `base_option` sets; names that leave it
+    are rejected (check_relative)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}. It lists paths relative to {base_option}: a CSV with a "
+                                "'file_name' column, or a text file with one path per line (see README)")
+    if path.suffix.lower() == '.csv':
+        df = read_table(path, what)
+        if 'file_name' not in df.columns:
+            raise ValueError(f"{path} has no 'file_name' column (columns: {list(df.columns)}); the first line "
+                             f"must be the header 'file_name', then one path per line, relative to {base_option}")
+        rows = [(str(f), i + 2) for i, f in enumerate(df['file_name']) if not pd.isna(f)]  # line 1: the header
+    else:
+        rows = [(line.strip(), n) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    if not rows:
+        raise ValueError(f'{path} lists no files')
+    check_relative([f for f, _ in rows], [line for _, line in rows], path, base_option)
+    return sorted(f for f, _ in rows)
 
 
 def _file_problem(path: Path, n_mels: int) -> Optional[str]:
-    """Why `path` is not a usable (1, n_mels, T) float .npy, or None. Memory-maps the file, which
-    reads only the header and catches truncated data too."""
+    """Why `path` is not a usable (1, n_mels, T) float .npy of finite values, or None. Memory-maps the
+    file, which catches truncated data too."""
     try:
         lms = np.load(path, mmap_mode='r')
     except FileNotFoundError:
@@ -49,12 +87,20 @@ def _file_problem(path: Path, n_mels: int) -> Optional[str]:
         return f'shape {lms.shape}, expected (1, {n_mels}, T)'
     if lms.dtype.kind != 'f':
         return f'dtype {lms.dtype}, expected float'
+    # Reads every value: one NaN/inf makes the normalisation stats or a loss NaN, maybe hours later. The sum
+    # is the fast test; values are counted only when it is not finite (huge finite values can overflow it).
+    with np.errstate(over='ignore', invalid='ignore'):
+        total = lms.sum()
+    if not np.isfinite(total):
+        bad = int(np.count_nonzero(~np.isfinite(lms)))
+        if bad:
+            return f'holds {bad} NaN/inf values'
     return None
 
 
 def check_files(files: Sequence[str], data_path: PathLike, n_mels: int, skip_missing: bool = False,
                 workers: int = 16) -> list[str]:
-    """Verify that every listed file exists and is a (1, n_mels, T) float array, before training.
+    """Verify that every listed file exists and is a (1, n_mels, T) float array of finite values, before training.
 
     Bad files raise a ValueError naming the first few and the count; with skip_missing they are
     dropped with a warning instead. Returns the usable files.
@@ -66,7 +112,7 @@ def check_files(files: Sequence[str], data_path: PathLike, n_mels: int, skip_mis
     if not bad:
         return list(files)
     listing = '\n'.join(f'  {root / f}: {p}' for f, p in bad[:5]) + ('\n  ...' if len(bad) > 5 else '')
-    summary = f'{len(bad)} of {len(files)} files listed in the dataset CSV are missing or corrupt:\n{listing}'
+    summary = f'{len(bad)} of {len(files)} files listed in the dataset CSV are missing or unusable:\n{listing}'
     if not skip_missing:
         raise ValueError(f'{summary}\nFix the files or the CSV, or pass --skip_missing to train without them.')
     kept = [f for f, p in zip(files, problems) if not p]

@@ -9,7 +9,7 @@
 
 Each step runs the command a user would type (printed before it runs). Everything goes below --out: the
 evaluator is pointed there by M2D_EVAL_DEMO (the demo task), M2D_EVAL_RESULTS (scores) and M2D_EVAL_CACHE.
-Usage: python -m m2d.demo [--out demo_run] [--epochs 60] [--n_files 800]
+Usage: python -m m2d.demo [--out demo_run] [--epochs 60] [--n_files 800]   (also: m2d demo)
 """
 import argparse
 import os
@@ -22,18 +22,19 @@ from pathlib import Path
 import torch
 
 from m2d.audio_io import load_audio
+from m2d.cli import run_tool
 from m2d.eval.embeddings import CACHE_ENV
 from m2d.eval.results import RESULTS_ENV, short_weight, summary_table
 from m2d.eval.tasks import DEMO_DIR_ENV
 from m2d.models_mae import create_model
 from m2d.runtime_audio import RuntimeM2D, parse_size
 from m2d.synth import write_corpus
-from util.checkpoint import save_atomic
+from util.atomic import save_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(cmd: list[str], env: dict[str, str]) -> None:
+def run_step(cmd: list[str], env: dict[str, str]) -> None:
     """Print a command as a user would type it, run it from the repository root, stop on failure."""
     print(f'\n$ {shlex.join(cmd)}', flush=True)
     subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, **env})
@@ -50,17 +51,32 @@ def save_random_init(model: str, input_size: str, depth: int, decoder_depth: int
     return save_atomic({'model': net.state_dict()}, dst / f'{model}-{input_size}p16x16-random_init' / 'checkpoint-0.pth')
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--out', default='demo_run',
                         help='folder for everything the demo writes (a relative one is below the repository)')
     parser.add_argument('--n_files', type=int, default=800, help='clips in the unlabelled corpus')
-    parser.add_argument('--epochs', type=int, default=60)
-    parser.add_argument('--batch_size', type=int, default=32)
+    parser.add_argument('--epochs', type=int, default=60, help='pre-training epochs')
+    parser.add_argument('--batch_size', type=int, default=32, help='pre-training batch size')
     parser.add_argument('--depth', type=int, default=4, help='encoder blocks of the demo M2D (published: 12)')
-    parser.add_argument('--decoder_depth', type=int, default=2)
+    parser.add_argument('--decoder_depth', type=int, default=2, help='decoder blocks of the demo M2D (published: 8)')
     parser.add_argument('--blr', type=float, default=1e-2, help='base learning rate (lr = blr * batch / 256)')
-    args = parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    return run_tool(sys.modules[__name__], 'python -m m2d.demo', argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`m2d demo` / python -m m2d.demo: the five steps; a failed step stops the demo with its exit status."""
+    try:
+        demo(args)
+    except subprocess.CalledProcessError as e:
+        print(f'error: the step above failed with exit status {e.returncode}', file=sys.stderr)
+        return e.returncode
+    return 0
+
+
+def demo(args: argparse.Namespace) -> None:
     out = (REPO / args.out).resolve()  # an absolute --out stays as it is
     model, input_size = 'm2d_vit_tiny', '80x208'
     results = out / 'results' / 'scores.csv'
@@ -73,7 +89,7 @@ def main(argv=None) -> None:
 
     print('\n[2/5] Converting the corpus to log-mel spectrograms')
     data = out / 'data'
-    run(python('wav_to_lms.py', str(out / 'audio'), str(data / 'lms'), '--csv', str(data / 'files_demo.csv'),
+    run_step(python('wav_to_lms.py', str(out / 'audio'), str(data / 'lms'), '--csv', str(data / 'files_demo.csv'),
                '--data_path', str(data)), env)
     vis = data / 'vis_samples'
     vis.mkdir(exist_ok=True)
@@ -82,7 +98,7 @@ def main(argv=None) -> None:
 
     print('\n[3/5] Pre-training a small M2D on CPU')
     run_dir = out / 'runs' / f'{model}-{input_size}p16x16-demo'
-    run(python('train_audio.py', '--model', model, '--depth', str(args.depth),
+    run_step(python('train_audio.py', '--model', model, '--depth', str(args.depth),
                '--decoder_depth', str(args.decoder_depth), '--input_size', input_size,
                '--batch_size', str(args.batch_size), '--epochs', str(args.epochs),
                '--warmup_epochs', str(max(1, args.epochs // 10)), '--save_freq', str(args.epochs),
@@ -104,7 +120,7 @@ def main(argv=None) -> None:
     print('\n[5/5] Linear evaluation on the demo task: the pre-trained checkpoint was evaluated by all_eval.sh '
           'above; now the same architecture with random weights')
     baseline = save_random_init(model, input_size, args.depth, args.decoder_depth, out / 'runs')
-    run(python('-m', 'm2d.eval', 'lineareval', str(baseline), 'demo'), env)
+    run_step(python('-m', 'm2d.eval', 'lineareval', str(baseline), 'demo'), env)
     scores = summary_table(results, weights=[str(checkpoint), str(baseline)])['demo']
     trained, untrained = scores[short_weight(str(checkpoint))], scores[short_weight(str(baseline))]
     print(f'\nDemo finished in {(time.time() - started) / 60:.1f} min. Outputs:')
@@ -117,4 +133,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

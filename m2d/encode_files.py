@@ -7,14 +7,17 @@ itself when it ends in .npy), as float32:
 - by default a clip embedding [D]: the time mean of the frame embeddings (get_scene_embeddings);
 - with --frames the frame embeddings [T, D], one per 160 ms (RuntimeM2D.encode).
 
-Normalisation of the log-mel spectrograms: by default each clip with its own mean and std, so a
+Normalisation of the log-mel spectrograms: by default the runtime's, i.e. the fixed statistics that
+later-format weights store, else (first-release weights) each clip with its own mean and std; so a
 file's embedding never depends on the other files or on the batch size (it equals
-`runtime.get_scene_embeddings(audio[None])`). --norm_stats MEAN STD uses fixed statistics and
+`runtime.get_scene_embeddings(audio[None])`). --norm_stats "[MEAN, STD]" uses the given statistics and
 --dataset_norm computes them over all the input files first (a pass that reads every file once).
 
-Files that cannot be read, are empty, shorter than one patch (150 ms), or digital silence (under
-per-clip normalisation) are listed at the end; the others are still encoded. Existing outputs are
-skipped unless --overwrite.
+Files that cannot be read, are empty or truncated, shorter than one patch (150 ms), or digital
+silence (under per-clip normalisation) are listed at the end; the others are still encoded. Existing
+outputs are skipped unless --overwrite, so a run stopped by Ctrl-C continues where it stopped when
+run again. A missing or unusable weight file or an output that cannot be written stops it at once
+with one line (exit status 2).
 """
 import argparse
 import math
@@ -28,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from util.checkpoint import save_npy_atomic
+from util.atomic import remove_stale_temp_files, save_npy_atomic
 
 from .audio_io import AUDIO_SUFFIXES, AudioReadError, find_audio_files, load_audio
+from .cli import (LOAD_ERRORS, Interrupted, UsageError, add_norm_stats_argument, check_writable, describe_interrupt,
+                  writing)
 from .lms import RunningMeanStd
 from .runtime_audio import RuntimeM2D
 
@@ -52,7 +57,8 @@ class EncodeReport:
         lines = [f'encoded {len(self.encoded)}, skipped {len(self.skipped)} (output exists; --overwrite to redo), '
                  f'failed {len(self.failed)}']
         if self.norm_stats is not None:
-            lines.append(f'dataset normalisation stats: --norm_stats {self.norm_stats[0]:.6g} {self.norm_stats[1]:.6g}')
+            mean, std = self.norm_stats
+            lines.append(f'dataset normalisation stats: --norm_stats "[{mean:.6g}, {std:.6g}]"')
         lines += [f'  FAILED {path}: {reason}' for path, reason in self.failed]
         return '\n'.join(lines)
 
@@ -99,13 +105,22 @@ class _Encoder:
     def encode(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
         """Normalised LMS [1, 1, F, T_i] each -> frame embeddings [ceil(T_i / pt), D] each.
 
-        Zero-padding to the longest clip is what encode_lms pads with anyway, and padded frames
-        are cut off again, so each result equals encoding that clip alone.
+        Zero-padding to the longest clip is what encode_lms pads with anyway (last_chunk 'pad'), and
+        padded frames are cut off again, so each result equals encoding that clip alone. With 'trim'
+        a clip's last chunk is encoded at its own length, so only clips of one length share a pass.
         """
-        longest = max(x.shape[-1] for x in batch)
-        frames = self.runtime.encode_lms(torch.cat([F.pad(x, (0, longest - x.shape[-1])) for x in batch]))
-        pt = self.runtime.cfg.patch_size[1]
-        return [frames[i, :math.ceil(x.shape[-1] / pt)] for i, x in enumerate(batch)]
+        trim, pt = self.runtime.cfg.last_chunk == 'trim', self.runtime.cfg.patch_size[1]
+        groups: dict[int, list[int]] = {}
+        for i, x in enumerate(batch):
+            groups.setdefault(x.shape[-1] if trim else 0, []).append(i)
+        out = [None] * len(batch)
+        for members in groups.values():
+            longest = max(batch[i].shape[-1] for i in members)
+            frames = self.runtime.encode_lms(torch.cat([F.pad(batch[i], (0, longest - batch[i].shape[-1]))
+                                                        for i in members]))
+            for row, i in enumerate(members):
+                out[i] = frames[row, :math.ceil(batch[i].shape[-1] / pt)]
+        return out
 
 
 def dataset_norm_stats(encoder: _Encoder, files: list[Path], report: EncodeReport,
@@ -129,15 +144,25 @@ def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], ou
     """Encode an audio file or a folder of them into .npy embeddings (see the module docstring).
 
     settings: RuntimeM2D settings, e.g. model, input_size, patch_size for a folder not named like
-    the published ones. Returns an EncodeReport; raises only for bad arguments or a missing input.
+    the published ones. Returns an EncodeReport. Raises ValueError (UsageError) for bad arguments, an
+    unusable weight file or an output that cannot be written, FileNotFoundError for a missing input,
+    and Interrupted on Ctrl-C (saying how many files were encoded).
     """
     if norm_stats is not None and dataset_norm:
         raise ValueError('give either norm_stats or dataset_norm, not both')
-    if norm_stats is not None and not (len(norm_stats) == 2 and float(norm_stats[1]) > 0):
-        raise ValueError(f'norm_stats must be (mean, std) with std > 0, got {norm_stats}')
+    if norm_stats is not None and not (len(norm_stats) == 2 and all(map(math.isfinite, norm_stats))
+                                       and float(norm_stats[1]) > 0):
+        raise ValueError(f'norm_stats must be finite (mean, std) with std > 0, got {norm_stats}')
     if batch_size < 1:
         raise ValueError(f'batch_size must be at least 1, got {batch_size}')
-    jobs = plan_outputs(Path(input_path), Path(output_path))
+    input_path, output_path = Path(input_path), Path(output_path)
+    jobs = plan_outputs(input_path, output_path)
+    single_file = input_path.is_file() and output_path.suffix == '.npy'
+    check_writable(output_path, folder=not single_file)  # before loading the model, not after
+    if single_file:
+        remove_stale_temp_files(output_path.parent)
+    elif output_path.is_dir():
+        remove_stale_temp_files(output_path, recursive=True)
     report = EncodeReport()
     owner: dict[Path, Path] = {}
     todo = []
@@ -154,13 +179,26 @@ def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], ou
         return report
 
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    runtime = RuntimeM2D(weight_file=str(weight_file), **settings).to(device).eval()
+    try:
+        runtime = RuntimeM2D(weight_file=str(weight_file), **settings)
+    except LOAD_ERRORS as e:  # the checkpoint errors name the file; others get it added
+        raise UsageError(str(e) if str(weight_file) in str(e) else f'cannot use the weight file {weight_file}: {e}') \
+            from None
+    runtime = runtime.to(device).eval()
     encoder = _Encoder(runtime, None if norm_stats is None else (float(norm_stats[0]), float(norm_stats[1])))
-    if dataset_norm:
-        encoder.norm_stats = report.norm_stats = dataset_norm_stats(encoder, [s for s, _ in jobs], report, progress)
-    already_failed = {path for path, _ in report.failed}
-    todo = sorted((job for job in todo if job[0] not in already_failed), key=lambda job: _duration(job[0]))
+    try:
+        if dataset_norm:
+            encoder.norm_stats = report.norm_stats = dataset_norm_stats(encoder, [s for s, _ in jobs], report, progress)
+        already_failed = {path for path, _ in report.failed}
+        todo = sorted((job for job in todo if job[0] not in already_failed), key=lambda job: _duration(job[0]))
+        _encode_all(encoder, todo, frames, batch_size, report, progress)
+    except KeyboardInterrupt:
+        raise Interrupted(describe_interrupt(len(report.encoded), len(todo), 'encoded')) from None
+    return report
 
+
+def _encode_all(encoder: _Encoder, todo: list[tuple[Path, Path]], frames: bool, batch_size: int,
+                report: EncodeReport, progress: bool) -> None:
     with tqdm(total=len(todo), desc='encode', unit='file', disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):  # neighbours in duration order: little padding
             batch, outputs = [], []
@@ -171,10 +209,10 @@ def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], ou
                 except (AudioReadError, ValueError, TypeError) as e:
                     report.failed.append((src, str(e).removeprefix(f'{src}: ')))
             for dst, emb in zip(outputs, encoder.encode(batch) if batch else []):
-                save_npy_atomic((emb if frames else emb.mean(dim=0)).cpu().numpy().astype(np.float32), dst)
+                with writing(dst):
+                    save_npy_atomic((emb if frames else emb.mean(dim=0)).cpu().numpy().astype(np.float32), dst)
                 report.encoded.append(dst)
             bar.update(len(todo[start:start + batch_size]))
-    return report
 
 
 # ----- command line -------------------------------------------------------------------------------
@@ -185,8 +223,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('output', help='output folder (or a .npy file for a single input file)')
     parser.add_argument('--frames', action='store_true', help='save frame embeddings [T, D] instead of clip ones [D]')
     norm = parser.add_mutually_exclusive_group()
-    norm.add_argument('--norm_stats', nargs=2, type=float, metavar=('MEAN', 'STD'),
-                      help='normalise the LMS with these statistics instead of per clip')
+    add_norm_stats_argument(norm, help='normalise the LMS with these statistics instead of per clip '
+                                       '(also: --norm_stats MEAN STD)')
     norm.add_argument('--dataset_norm', action='store_true',
                       help='compute the LMS mean and std over all input files first and normalise with them')
     parser.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
@@ -195,14 +233,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', default='', help='model name, if the weight folder name does not tell it')
     parser.add_argument('--input_size', default=None, help='model input FxT (e.g. 80x608), with --model')
     parser.add_argument('--patch_size', default=None, help='patch size FxT (e.g. 16x16), with --model')
+    parser.add_argument('--trust_checkpoint', action='store_true',
+                        help='unpickle anything in the weight file (it could run code): only for files you trust')
 
 
 def run(args: argparse.Namespace) -> int:
     """The `encode` command: prints a summary and returns 1 when no input has an embedding file."""
-    report = encode_files(args.weights, args.input, args.output, frames=args.frames, norm_stats=args.norm_stats,
-                          dataset_norm=args.dataset_norm, device=args.device, batch_size=args.batch_size,
-                          overwrite=args.overwrite, model=args.model, input_size=args.input_size,
-                          patch_size=args.patch_size)
+    try:
+        report = encode_files(args.weights, args.input, args.output, frames=args.frames, norm_stats=args.norm_stats,
+                              dataset_norm=args.dataset_norm, device=args.device, batch_size=args.batch_size,
+                              overwrite=args.overwrite, model=args.model, input_size=args.input_size,
+                              patch_size=args.patch_size, trust_checkpoint=args.trust_checkpoint)
+    except (FileNotFoundError, ValueError) as e:  # bad arguments or inputs: one line
+        raise UsageError(str(e)) from None
     if not (report.encoded or report.skipped or report.failed):
         print(f'no {"/".join(AUDIO_SUFFIXES)} files found in {args.input}')
         return 1

@@ -6,7 +6,7 @@
     emb, ts = module.get_timestamp_embeddings(audio, model)      # [n, T, 3840], [n, T] in ms
 
 Audio is float32 [n_sounds, n_samples] at 16 kHz. Each batch is normalised with its own LMS mean
-and std, as RuntimeM2D.encode() does.
+and std, as RuntimeM2D.encode() does (first-release weights; later ones use the statistics they store).
 """
 from typing import Any
 

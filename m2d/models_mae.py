@@ -62,7 +62,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.encoder_only = encoder_only
         self.mask_fn: Callable = random_unstructured_mask
-        self.patch_embed = PatchEmbed(_pair(img_size), _pair(patch_size), in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(_pair(img_size), _pair(patch_size), in_chans, embed_dim, strict_img_size=False)
         num_patches = self.patch_embed.num_patches
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -140,21 +140,30 @@ class MaskedAutoencoderViT(nn.Module):
         return x.reshape(x.shape[0], self.in_chans, gf * pf, gt * pt)
 
     def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
-        """[B, C, F, T] -> patch tokens with positions [B, N, D]."""
-        expected = (self.in_chans, *self.patch_embed.img_size)
-        if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
-            raise ValueError(f'{type(self).__name__} takes input [B, {expected[0]}, {expected[1]}, {expected[2]}], '
-                             f'got {list(imgs.shape)}')
-        return self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        """[B, C, F, T] -> patch tokens with positions [B, N, D].
 
-    def make_mask(self, batch: int, mask_ratio: MaskSpec, device: torch.device
+        T is the model's width W, or a shorter multiple of the patch width: a short input gets the
+        positions of its first T / pt patch columns (as the later M2D runtime encodes a short chunk).
+        """
+        (F, W), pt = self.patch_embed.img_size, self.patch_size()[1]
+        T = imgs.shape[-1]
+        if imgs.ndim != 4 or tuple(imgs.shape[1:3]) != (self.in_chans, F) or not (T == W or (T < W and T % pt == 0)):
+            raise ValueError(f'{type(self).__name__} takes input [B, {self.in_chans}, {F}, {W}] (or fewer frames, a '
+                             f'multiple of {pt}), got {list(imgs.shape)}')
+        x = self.patch_embed(imgs[..., :T // pt * pt])  # a width W that is no multiple of pt loses its last frames
+        grid_f, D = self.grid_size()[0], x.shape[-1]
+        positions = self.pos_embed[:, 1:].reshape(1, grid_f, -1, D)[:, :, :x.shape[1] // grid_f].reshape(1, -1, D)
+        return x + positions
+
+    def make_mask(self, batch: int, mask_ratio: MaskSpec, device: torch.device, grid: Optional[tuple[int, int]] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """-> ids_shuffle [B, N], ids_restore [B, N], len_keep (visible = ids_shuffle[:, :len_keep])."""
+        """-> ids_shuffle [B, N], ids_restore [B, N], len_keep (visible = ids_shuffle[:, :len_keep]).
+        grid: the (F', T') patch grid of the input (default the model's)."""
         if isinstance(mask_ratio, (tuple, list)):
             ids_restore, len_keep = mask_ratio
             ids_restore = ids_restore.to(device)
             return torch.argsort(ids_restore, dim=1), ids_restore, int(len_keep)
-        ids_shuffle, len_keep = self.mask_fn(batch, self.grid_size(), mask_ratio, device)
+        ids_shuffle, len_keep = self.mask_fn(batch, grid or self.grid_size(), mask_ratio, device)
         return ids_shuffle, torch.argsort(ids_shuffle, dim=1), len_keep
 
     def split_tokens(self, x: torch.Tensor, mask_ratio: MaskSpec
@@ -167,7 +176,8 @@ class MaskedAutoencoderViT(nn.Module):
         if not isinstance(mask_ratio, (tuple, list)) and mask_ratio == 0:
             ids = torch.arange(N, device=x.device).expand(B, N)
             return x, None, x.new_zeros(B, N, dtype=torch.float32), ids
-        ids_shuffle, ids_restore, len_keep = self.make_mask(B, mask_ratio, x.device)
+        grid_f = self.grid_size()[0]
+        ids_shuffle, ids_restore, len_keep = self.make_mask(B, mask_ratio, x.device, (grid_f, N // grid_f))
         mask = x.new_ones(B, N, dtype=torch.float32)
         mask[:, :len_keep] = 0
         mask = torch.gather(mask, 1, ids_restore)

@@ -1,4 +1,4 @@
-"""Pre-training driver behind train_audio.py (M2D) and mae_train_audio.py (MSM-MAE).
+"""Pre-training driver behind train_audio.py (M2D; also `m2d train`) and mae_train_audio.py (MSM-MAE).
 
     python train_audio.py --dataset data/files_audioset.csv            # one process
     torchrun --nproc_per_node 4 train_audio.py --dataset ...           # DDP, 4 GPUs
@@ -10,6 +10,8 @@ TensorBoard events, vis-{epoch}.png, and the logs of the evaluation scripts it s
 import argparse
 import contextlib
 import datetime
+import errno
+import io
 import json
 import os
 import random
@@ -17,7 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TextIO
+from typing import Any, Callable, Iterator, Optional, TextIO, Union
 
 import numpy as np
 import torch
@@ -28,20 +30,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from util import dist as distutil
-from util.checkpoint import load_checkpoint, save_atomic
+from util.atomic import open_atomic, remove_stale_temp_files
 from util.schedules import scaled_lr
 
+from .checkpoint import (CheckpointError, extract_state_dict, load_checkpoint, load_state_strict, parse_size,
+                         run_name, save_checkpoint, saved_args, split_state)
+from .cli import (LOAD_ERRORS, HelpFormatter, Interrupted, OutputError, UsageError, add_norm_stats_argument,
+                  check_writable, guarded, parse_numbers, writing)
 from .data import (NORM_STATS_CROPS, SpectrogramDataset, check_files, compute_norm_stats, load_vis_samples,
                    read_file_list)
 from .engine_pretrain import NonFiniteLossError, Precision, Schedule, train_one_epoch
 from .models_mae import MODELS, MaskedAutoencoderViT, create_model
-from .runtime_audio import (FOLDER_NAME_FORMAT, extract_state_dict, load_state_strict, parse_size,
-                            parse_sizes_by_name)
 from .visualize import save_mask_figure
 
-
-class UsageError(ValueError):
-    """Bad arguments or data: reported as a one-line error, without a traceback."""
+REPO = Path(__file__).resolve().parents[1]  # train_audio.py, quick_eval.sh and all_eval.sh in a checkout
 
 
 # ----- arguments -------------------------------------------------------------------------------------
@@ -54,74 +56,71 @@ def size_arg(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f'expected a size like 80x208, got {text!r}') from None
 
 
-def parse_numbers(text: str, kind: type = float) -> list:
-    """'[-7.1, 4.2]', '-7.1,4.2' or '-7.1 4.2' -> [-7.1, 4.2]; '' -> []."""
-    parts = str(text).strip().strip('[]()').replace(',', ' ').split()
-    try:
-        return [kind(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a list of numbers like "[-7.1, 4.2]", got {text!r}') from None
-
-
-def parse_norm_stats(text: str) -> list[float]:
-    values = parse_numbers(text)
-    if len(values) != 2 or values[1] <= 0:
-        raise argparse.ArgumentTypeError(f'--norm_stats needs [mean, std] with std > 0, got {text!r}')
-    return values
-
-
 def get_args_parser(mae: bool = False) -> argparse.ArgumentParser:
     """The train_audio.py flags (published names and defaults); mae=True: mae_train_audio.py (MSM-MAE)."""
-    p = argparse.ArgumentParser('MSM-MAE pre-training' if mae else 'M2D pre-training', add_help=True)
+    p = argparse.ArgumentParser('MSM-MAE pre-training' if mae else 'M2D pre-training', description=__doc__,
+                                formatter_class=HelpFormatter)
+    add_arguments(p, mae)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
+    """Add the pre-training options to `p` (M2D's defaults; mae=True: MSM-MAE's)."""
     p.add_argument('--batch_size', default=512, type=int, help='batch size per process (GPU)')
-    p.add_argument('--epochs', default=300, type=int)
+    p.add_argument('--epochs', default=300, type=int, help='length of the run (the lr and EMA schedules span it)')
     p.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps per update')
     p.add_argument('--eval_after', default=100, type=int, help='run quick_eval.sh on checkpoints from this epoch on')
     p.add_argument('--save_freq', default=100, type=int, help='save a checkpoint every N epochs (and at the end)')
-    p.add_argument('--stop_at', default=-1, type=int, help='stop after this epoch, keeping the --epochs schedules')
+    p.add_argument('--stop_at', default=-1, type=int, help='stop after this epoch, keeping the --epochs schedules '
+                                                           '(-1: run all --epochs)')
     p.add_argument('--print_freq', default=20, type=int, help='progress line every N steps')
     # Model.
-    p.add_argument('--model', default='msm_mae_vit_base' if mae else 'm2d_vit_base', choices=sorted(MODELS))
+    p.add_argument('--model', default='msm_mae_vit_base' if mae else 'm2d_vit_base', choices=sorted(MODELS),
+                   help='architecture')
     p.add_argument('--depth', default=None, type=int, help='encoder depth (default 12; small for demos)')
-    p.add_argument('--decoder_depth', default=4 if mae else 8, type=int)
-    p.add_argument('--input_size', default=[80, 208], type=size_arg, help='F x T of a training crop')
-    p.add_argument('--patch_size', default=[16, 16], type=size_arg)
-    p.add_argument('--mask_ratio', default=0.75 if mae else 0.7, type=float)
+    p.add_argument('--decoder_depth', default=4 if mae else 8, type=int, help='decoder (predictor) blocks')
+    p.add_argument('--input_size', default='80x208', type=size_arg, help='F x T of a training crop')
+    p.add_argument('--patch_size', default='16x16', type=size_arg, help='F x T of a patch')
+    p.add_argument('--mask_ratio', default=0.75 if mae else 0.7, type=float, help='ratio of patches masked')
     if mae:
         p.add_argument('--norm_pix_loss', action='store_true', help='per-patch normalised pixels as targets')
     else:
         p.add_argument('--no_norm_pix_loss', action='store_false', dest='norm_pix_loss',
                        help='do not standardise the target representations')
-        p.add_argument('--ema_decay_init', default=0.99995, type=float)
-        p.add_argument('--ema_decay', default=0.99999, type=float)
-        p.add_argument('--loss_fn', default='norm_mse', choices=['norm_mse', 'mse'])
+        p.add_argument('--ema_decay_init', default=0.99995, type=float, help='EMA decay of the target at the start')
+        p.add_argument('--ema_decay', default=0.99999, type=float, help='EMA decay at the end (linear in between)')
+        p.add_argument('--loss_fn', default='norm_mse', choices=['norm_mse', 'mse'],
+                       help='norm_mse: MSE of L2-normalised vectors; mse: plain MSE')
         p.add_argument('--target_layers', default=[], type=lambda s: parse_numbers(s, int),
-                       help="average these target blocks' outputs, e.g. '[8,9,10,11]' ('' = last block)")
+                       help="average these target blocks' outputs, e.g. '[8,9,10,11]' (default: the last block)")
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
     # Optimizer.
-    p.add_argument('--optim', default='adamw', choices=['adamw', 'sgd'])
-    p.add_argument('--weight_decay', default=0.05, type=float)
+    p.add_argument('--optim', default='adamw', choices=['adamw', 'sgd'], help='AdamW (0.9, 0.95) or SGD (momentum 0.9)')
+    p.add_argument('--weight_decay', default=0.05, type=float, help='weight decay (not on biases and 1-D parameters)')
     p.add_argument('--clip_grad', default=3.0, type=float, help='gradient-norm clipping (0 = off)')
     p.add_argument('--lr', default=None, type=float, help='absolute lr (default: blr * effective batch / 256)')
     p.add_argument('--blr', default=3e-4, type=float, help='base lr for an effective batch of 256')
-    p.add_argument('--min_lr', default=0.0, type=float)
-    p.add_argument('--warmup_epochs', default=20, type=float)
+    p.add_argument('--min_lr', default=0.0, type=float, help='lr at the end of the half-cosine decay')
+    p.add_argument('--warmup_epochs', default=20, type=float, help='linear lr warm-up, in epochs')
     # Data.
     p.add_argument('--data_path', default='data', type=str, help='folder the CSV paths are relative to')
     p.add_argument('--dataset', default='data/files_audioset.csv', type=str, help="CSV with a 'file_name' column")
-    p.add_argument('--norm_stats', default=None, type=parse_norm_stats,
-                   help='[mean, std] of the LMS (default: measured on 10,000 random crops at start)')
-    p.add_argument('--skip_missing', action='store_true', help='drop missing or corrupt files instead of failing')
-    p.add_argument('--num_workers', default=10, type=int)
-    p.add_argument('--pin_mem', action='store_true', help='pin CPU memory in the DataLoader (default)')
-    p.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+    add_norm_stats_argument(p, help='mean and std of the LMS (default: measured on 10,000 random crops at start)')
+    p.add_argument('--skip_missing', action='store_true',
+                   help='drop missing, corrupt or NaN/inf-holding files instead of failing')
+    p.add_argument('--num_workers', default=10, type=int, help='DataLoader worker processes per training process')
+    p.add_argument('--pin_mem', action='store_true', help='pin CPU memory in the DataLoader (on by default)')
+    p.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
     p.set_defaults(pin_mem=True)
     # Run.
     p.add_argument('--output_dir', default='', type=str, help='run folder (default: named after the settings)')
     p.add_argument('--log_dir', default='', type=str, help='TensorBoard folder (default: the run folder)')
     p.add_argument('--device', default='cuda', type=str, help="'cuda' or 'cpu'")
-    p.add_argument('--seed', default=0, type=int)
-    p.add_argument('--resume', default='', type=str, help='checkpoint to continue from')
+    p.add_argument('--seed', default=0, type=int, help='seed of the weights, data order, crops and masks')
+    p.add_argument('--resume', default='', type=str,
+                   help="checkpoint to continue from; its stored args fill every flag not given on the command line")
+    p.add_argument('--trust_checkpoint', action='store_true',
+                   help='let --resume unpickle anything in the file (it could run code): only for files you trust')
     p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set from the checkpoint on --resume)')
     p.add_argument('--eval_scripts', default='', type=str,
                    help='folder of quick_eval.sh / all_eval.sh (default: the folder of the training script)')
@@ -129,23 +128,51 @@ def get_args_parser(mae: bool = False) -> argparse.ArgumentParser:
     p.add_argument('--world_size', default=1, type=int, help='set by torchrun (WORLD_SIZE)')
     p.add_argument('--local_rank', '--local-rank', default=-1, type=int, help='set by torchrun (LOCAL_RANK)')
     p.add_argument('--dist_url', default='env://', help='process-group rendezvous')
-    return p
+
+
+# Stored args that a resumed run takes from the command line or its own situation, never from the checkpoint.
+NOT_RESUMED = ('resume', 'start_epoch', 'stop_at', 'output_dir', 'trust_checkpoint', 'world_size', 'local_rank',
+               'dist_url')
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> set[str]:
+    """The destinations of the flags given on the command line: `parser` (a fresh one) parses argv
+    again with its defaults removed, so only what was given is set."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    parser._defaults.clear()
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
+def parse_args(argv: Optional[list[str]] = None, mae: bool = False) -> argparse.Namespace:
+    """Parse the command line of train_audio.py (mae=True: mae_train_audio.py); see complete_args."""
+    return complete_args(get_args_parser(mae).parse_args(argv), argv, mae)
+
+
+def complete_args(args: argparse.Namespace, argv: Optional[list[str]], mae: bool = False) -> argparse.Namespace:
+    """With --resume, the checkpoint's stored args fill every flag not given on the command line `argv`.
+
+    So `--resume RUN/checkpoint-N.pth` alone continues the run as it was started, and any flag given
+    (e.g. --epochs 400) overrides the stored one. lr is derived again from --blr when a flag it
+    depends on (--blr, --batch_size, --accum_iter) is given without --lr.
+    """
+    if not args.resume:
+        return args
+    try:
+        stored = saved_args(load_checkpoint(args.resume, trust=args.trust_checkpoint))
+    except LOAD_ERRORS as e:
+        raise UsageError(f'--resume: {e}') from None
+    given = explicit_flags(get_args_parser(mae), argv)
+    for key, value in stored.items():
+        if hasattr(args, key) and key not in given and key not in NOT_RESUMED:
+            setattr(args, key, value)
+    if given & {'blr', 'batch_size', 'accum_iter'} and 'lr' not in given:
+        args.lr = None
+    return args
 
 
 def is_m2d(model_name: str) -> bool:
     return model_name.startswith('m2d')
-
-
-def short_conf(args: argparse.Namespace) -> str:
-    """'mr7' for mask ratio 0.7, 'mr75' for 0.75 (the published folder suffix)."""
-    return 'mr' + f'{args.mask_ratio:g}'.split('.')[-1]
-
-
-def run_name(args: argparse.Namespace, date: Optional[datetime.date] = None) -> str:
-    """e.g. m2d_vit_base-80x608p16x16-220930-mr7; RuntimeM2D reads the model and sizes back from it."""
-    (F, T), (pf, pt) = args.input_size, args.patch_size
-    date = date or datetime.date.today()
-    return f'{args.model}-{F}x{T}p{pf}x{pt}-{date:%y%m%d}-{short_conf(args)}'
 
 
 def unused_folder(name: str) -> Path:
@@ -159,33 +186,61 @@ def unused_folder(name: str) -> Path:
 
 # ----- console copy, RNG state, evaluation hooks ---------------------------------------------------
 
-class _Tee:
-    def __init__(self, *streams: TextIO):
-        self.streams = streams
+class ConsoleCopy:
+    """stdout, copied into a file from `open(path)` on; what was printed before is written there first,
+    so a run that fails its checks before its folder exists leaves nothing behind."""
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.path, self.file = stream, None, None
+        self.pending: Optional[io.StringIO] = io.StringIO()
+
+    def open(self, path: Path) -> None:
+        with writing(path):
+            self.file = open(path, 'a', buffering=1)
+        self.path = path
+        self.note(self.pending.getvalue())
+        self.pending = None
+
+    def note(self, text: str) -> None:
+        """Write `text` to the copy only (not to the screen)."""
+        if self.file is None:
+            if self.pending is not None:
+                self.pending.write(text)
+            return
+        try:
+            self.file.write(text)
+        except OSError as e:
+            self.close()  # stop copying: the error message itself must still reach the screen
+            raise OutputError(self.path, e) from e
 
     def write(self, text: str) -> int:
-        for s in self.streams:
-            s.write(text)
+        self.stream.write(text)
+        self.note(text)
         return len(text)
 
     def flush(self) -> None:
-        for s in self.streams:
-            s.flush()
+        self.stream.flush()
+
+    def close(self) -> None:
+        file, self.file, self.pending = self.file, None, None
+        if file is not None:
+            with contextlib.suppress(OSError):  # a full disk: the error was reported when the line was written
+                file.close()
 
 
 @contextlib.contextmanager
-def tee_stdout(path: Optional[Path]) -> Iterator[None]:
-    """Copy stdout into `path` (appending) while the block runs; no-op for None."""
-    if path is None:
-        yield
+def console_copy(enabled: bool) -> Iterator[Optional[ConsoleCopy]]:
+    """Route stdout through a ConsoleCopy while the block runs (None and no copy when not enabled)."""
+    if not enabled:
+        yield None
         return
-    with open(path, 'a', buffering=1) as f:
-        saved = sys.stdout
-        sys.stdout = _Tee(saved, f)
-        try:
-            yield
-        finally:
-            sys.stdout = saved
+    saved = sys.stdout
+    sys.stdout = copy = ConsoleCopy(saved)
+    try:
+        yield copy
+    finally:
+        sys.stdout = saved
+        copy.close()
 
 
 def rng_state() -> dict[str, Any]:
@@ -251,6 +306,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f'--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}')
     if args.num_workers < 0:
         raise UsageError(f'--num_workers must be 0 or more, got {args.num_workers}')
+    (F, T), (pf, pt) = args.input_size, args.patch_size
+    if F % pf or T % pt:
+        raise UsageError(f'--input_size {F}x{T} must be a multiple of --patch_size {pf}x{pt}')
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -270,10 +328,6 @@ def build_model(args: argparse.Namespace) -> MaskedAutoencoderViT:
         kwargs['depth'] = args.depth
     if is_m2d(args.model):
         kwargs.update(loss_type=getattr(args, 'loss_fn', 'norm_mse'), target_layers=getattr(args, 'target_layers', []))
-    F, T = args.input_size
-    pf, pt = args.patch_size
-    if F % pf or T % pt:
-        raise UsageError(f'--input_size {F}x{T} must be a multiple of --patch_size {pf}x{pt}')
     return create_model(args.model, **kwargs)
 
 
@@ -287,8 +341,8 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.de
 
 def prepare_data(args: argparse.Namespace, info: distutil.DistInfo, print_fn: Callable[[str], None]
                  ) -> tuple[list[str], list[float]]:
-    """Check the listed files and settle the normalisation stats on rank 0, then share them (or the
-    error, so that every rank stops with the same message)."""
+    """Check that the run folder can be written and the listed files, and settle the normalisation stats,
+    on rank 0; then share them (or the error, so that every rank stops with the same message)."""
     payload = None
     if info.is_main:
         try:
@@ -302,6 +356,7 @@ def prepare_data(args: argparse.Namespace, info: distutil.DistInfo, print_fn: Ca
 
 
 def _prepare_data(args: argparse.Namespace, print_fn: Callable[[str], None]) -> tuple[list[str], list[float]]:
+    check_writable(args.output_dir, folder=True)  # now, not after a data scan that may take minutes
     files = check_files(read_file_list(args.dataset), args.data_path, args.input_size[0], args.skip_missing)
     print_fn(f'Dataset: {len(files)} files from {args.dataset} (data folder {args.data_path})')
     if args.norm_stats is not None:
@@ -322,21 +377,17 @@ class RunResult:
     eval_processes: list = field(default_factory=list)
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, args, rng_states) -> Path:
-    """checkpoint-N.pth: model (full state dict, EMA target included), optimizer, epoch (= epochs done;
-    the sampler epoch follows from it), scaler, args, and every rank's RNG states for an exact resume."""
-    return save_atomic({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-                        'scaler': scaler.state_dict(), 'args': args, 'rng': rng_states}, path)
-
-
 def resume_from(checkpoint: dict, args: argparse.Namespace, info: distutil.DistInfo, model: nn.Module,
                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, print_fn: Callable[[str], None]) -> int:
     """Restore weights, optimizer, scaler and this rank's RNG from a checkpoint; -> epochs done."""
     try:
-        load_state_strict(model, extract_state_dict(checkpoint, args.resume),
-                          f'--model {args.model} --input_size {args.input_size} --depth {args.depth}')
-    except ValueError as e:
+        parts = split_state(extract_state_dict(checkpoint, args.resume))
+        load_state_strict(model, parts.model, f'--model {args.model} --input_size {args.input_size} '
+                                              f'--depth {args.depth} --decoder_depth {args.decoder_depth}')
+    except CheckpointError as e:
         raise UsageError(f'--resume {args.resume}: {e}') from None
+    if parts.extra:
+        print_fn(f'Note: {args.resume} also holds {parts.describe_extra()}; this model does not use them')
     if 'optimizer' not in checkpoint:  # e.g. released weights: continue from them with a fresh optimizer
         print_fn(f'Note: {args.resume} holds weights only; the optimizer starts afresh at epoch {args.start_epoch}')
         return args.start_epoch
@@ -375,33 +426,55 @@ def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> 
     checkpoint = None
     if args.resume:
         try:
-            checkpoint = load_checkpoint(args.resume)
-        except FileNotFoundError as e:
+            checkpoint = load_checkpoint(args.resume, trust=args.trust_checkpoint)
+        except LOAD_ERRORS as e:
             raise UsageError(f'--resume: {e}') from None
-        saved = checkpoint.get('args') if isinstance(checkpoint, dict) else None
-        if args.norm_stats is None and getattr(saved, 'norm_stats', None):
-            args.norm_stats = list(saved.norm_stats)  # the same normalisation as before the stop
+        stored_stats = saved_args(checkpoint).get('norm_stats')
+        if args.norm_stats is None and stored_stats:
+            args.norm_stats = list(stored_stats)  # the same normalisation as before the stop
     if not args.output_dir:
         name = Path(args.resume).parent if args.resume else unused_folder(run_name(args))
         args.output_dir = str(distutil.broadcast_object(name))
     out = Path(args.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    with tee_stdout(out / 'console.txt' if info.is_main else None):
-        print_fn(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {" ".join(sys.argv)}')
+    with console_copy(info.is_main) as console:
         try:
-            parse_sizes_by_name(out.resolve().name)
-        except ValueError:
-            print_fn(f'Note: the run folder name {out.resolve().name!r} does not follow {FOLDER_NAME_FORMAT}; '
-                     'RuntimeM2D and the evaluation scripts will need the model and sizes given explicitly')
-        files, args.norm_stats = prepare_data(args, info, print_fn)
-        try:
+            print_fn(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {" ".join(sys.argv)}')
+            files, args.norm_stats = prepare_data(args, info, print_fn)
+            if len(files) // info.world_size < args.batch_size:
+                raise UsageError(f'{len(files)} files are too few for one batch of {args.batch_size} per process '
+                                 f'x {info.world_size} processes; lower --batch_size')
+            if info.is_main:  # the checks passed: only now the run folder is made (a failed start leaves none)
+                with writing(out):
+                    out.mkdir(parents=True, exist_ok=True)
+                console.open(out / 'console.txt')
+                remove_stale_temp_files(out)
             result = _train(args, info, device, out, files, checkpoint, eval_dir, print_fn)
-        except NonFiniteLossError as e:
-            print_fn(f'ERROR: {e}')
+        except (UsageError, NonFiniteLossError, KeyboardInterrupt) as e:
+            if console is not None:
+                with contextlib.suppress(OutputError):  # a full disk: the message still reaches the screen
+                    console.note(f'{"Interrupted" if isinstance(e, KeyboardInterrupt) else "ERROR"}: {e}\n')
             raise
         print_fn(f'Done; outputs in {out}')
         return result
+
+
+def truncate_log(path: Path, epochs_done: int) -> None:
+    """Keep the lines of log.txt up to epoch `epochs_done`, atomically: a run killed after logging epochs
+    it never saved must not list them twice once it is resumed from its last checkpoint."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line)['epoch'] <= epochs_done
+        except (ValueError, KeyError, TypeError):  # e.g. a line cut short by the kill
+            return False
+
+    kept = [line for line in lines if keep(line)]
+    if kept != lines:
+        with writing(path), open_atomic(path, 'w') as f:
+            f.writelines(kept)
 
 
 def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> RunResult:
@@ -417,9 +490,6 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
     # Workers start afresh each epoch (not persistent), seeded from the main RNG: a resume stays exact.
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True)
-    if len(loader) == 0:
-        raise UsageError(f'{len(dataset)} files are too few for one batch of {args.batch_size} per process '
-                         f'x {info.world_size} processes; lower --batch_size')
 
     eff_batch = args.batch_size * args.accum_iter * info.world_size
     args.eff_batch_size = eff_batch
@@ -434,6 +504,8 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
     start_epoch = args.start_epoch
     if checkpoint is not None:
         start_epoch = resume_from(checkpoint, args, info, raw_model, optimizer, scaler, print_fn)
+        if info.is_main:
+            truncate_log(out / 'log.txt', start_epoch)
 
     model = raw_model
     if info.distributed:
@@ -446,53 +518,78 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
 
     schedule = Schedule(args.lr, args.min_lr, args.warmup_epochs, args.epochs, len(loader),
                         getattr(args, 'ema_decay_init', 0.0), getattr(args, 'ema_decay', 0.0))
-    writer = SummaryWriter(args.log_dir or str(out)) if info.is_main else None
+    log_dir = Path(args.log_dir or out)
+    with writing(log_dir):
+        writer = SummaryWriter(str(log_dir)) if info.is_main else None
     vis_names, vis_lms = load_vis_samples(Path(args.data_path) / 'vis_samples', args.input_size[1], args.norm_stats)
     result = RunResult(out, raw_model)
     last_epoch = args.epochs if args.stop_at <= 0 else min(args.stop_at, args.epochs)
+    epoch = start_epoch
     try:
         for epoch in range(start_epoch, last_epoch):
             sampler.set_epoch(epoch)
-            stats = train_one_epoch(model, raw_model, loader, optimizer, scaler, precision, schedule, epoch, device,
-                                    args.mask_ratio, args.accum_iter, args.clip_grad, args.print_freq,
-                                    info.world_size, writer, print_fn)
+            try:
+                stats = train_one_epoch(model, raw_model, loader, optimizer, scaler, precision, schedule, epoch,
+                                        device, args.mask_ratio, args.accum_iter, args.clip_grad, args.print_freq,
+                                        info.world_size, writer, print_fn)
+            except OSError as e:  # TensorBoard's writer thread; a full or read-only disk is never a data read
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                    raise OutputError(log_dir, e) from e
+                raise
             done = epoch + 1
             if info.is_main:
-                with open(out / 'log.txt', 'a') as f:
+                with writing(out / 'log.txt'), open(out / 'log.txt', 'a') as f:
                     f.write(json.dumps({'epoch': done, **{f'train_{k}': v for k, v in stats.items()}}) + '\n')
+                with writing(log_dir):
+                    writer.flush()
             if done % args.save_freq == 0 or done == last_epoch:
                 rng_states = distutil.all_gather_objects(rng_state())
                 if info.is_main:
-                    path = save_checkpoint(out / f'checkpoint-{done}.pth', raw_model, optimizer, scaler, done,
-                                           args, rng_states)
+                    path = out / f'checkpoint-{done}.pth'
+                    with writing(path):
+                        save_checkpoint(path, raw_model, optimizer, scaler, done, args, rng_states)
                     result.last_checkpoint = path
                     print_fn(f'Saved {path}')
                     if vis_lms is not None:
-                        save_mask_figure(raw_model, vis_lms, vis_names, args.mask_ratio, out / f'vis-{done}.png',
-                                         seed=args.seed)
+                        with writing(out / f'vis-{done}.png'):
+                            save_mask_figure(raw_model, vis_lms, vis_names, args.mask_ratio, out / f'vis-{done}.png',
+                                             seed=args.seed)
                     if done >= args.eval_after:
                         proc = start_eval_script(eval_dir / 'quick_eval.sh', path, out / f'quick_eval-{done}.log',
                                                  False, print_fn)
                         result.eval_processes += [proc] if proc else []
                 distutil.barrier()
+    except KeyboardInterrupt:
+        raise Interrupted(resume_hint(epoch + 1, result.last_checkpoint or (args.resume or None))) from None
     finally:
         if writer is not None:
-            writer.close()
+            with contextlib.suppress(OSError):  # flushed after every epoch; a failure was reported there
+                writer.close()
     if info.is_main and result.last_checkpoint is not None:
         start_eval_script(eval_dir / 'all_eval.sh', result.last_checkpoint, out / 'all_eval.log', True, print_fn)
     return result
 
 
-def cli(mae: bool = False, script_dir: Optional[Path] = None, argv: Optional[list[str]] = None) -> int:
-    """Entry point of train_audio.py / mae_train_audio.py: parse, train, and turn known failures into
-    a message and an exit status (2: bad arguments or data, 1: non-finite loss)."""
-    args = get_args_parser(mae).parse_args(argv)
+def resume_hint(epoch: int, last_checkpoint: Optional[Union[str, Path]]) -> str:
+    """What to do after a Ctrl-C in `epoch` (1-based)."""
+    if last_checkpoint is None:
+        return f'in epoch {epoch}, before the first checkpoint; run the same command again to start over'
+    return f'in epoch {epoch}; the last checkpoint is {last_checkpoint}: run the same command with ' \
+           f'--resume {last_checkpoint} to continue from it'
+
+
+def run(args: argparse.Namespace, script_dir: Optional[Path] = None) -> int:
+    """`m2d train`: train as args say; -> 0, or 1 when the loss diverged. Usage and data errors raise
+    UsageError and Ctrl-C raises Interrupted, for m2d.cli.guarded to report."""
     try:
-        main(args, script_dir)
-    except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        main(args, script_dir or REPO)
     except NonFiniteLossError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     return 0
+
+
+def cli(mae: bool = False, script_dir: Optional[Path] = None, argv: Optional[list[str]] = None) -> int:
+    """Entry point of train_audio.py / mae_train_audio.py: parse, train, and turn known failures into
+    a message and an exit status (2: bad arguments or data, 1: non-finite loss, 130: interrupted)."""
+    return guarded(lambda: run(parse_args(argv, mae), script_dir))

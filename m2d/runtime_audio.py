@@ -1,18 +1,24 @@
-"""RuntimeM2D: load a pre-trained M2D (or MSM-MAE/MAE) checkpoint and turn audio into features.
+"""RuntimeM2D: load a pre-trained M2D-family checkpoint (or MSM-MAE/MAE) and turn audio into features.
 
     runtime = RuntimeM2D(weight_file='m2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300.pth')
     frames = runtime.encode(batch_audio)          # [B, S] 16 kHz -> [B, ceil(T/16), 3840]
 
-The folder name of the weight file tells the model and its sizes (`<model>-<F>x<T>p<pf>x<pt>-...`);
-they can also be given explicitly: RuntimeM2D(weight_file=..., model='m2d_vit_base',
-input_size=[80, 608], patch_size=[16, 16]). A file name ending in `random` gives random weights.
+The model and its sizes come from explicit settings (RuntimeM2D(weight_file=..., model='m2d_vit_base',
+input_size=[80, 608], patch_size=[16, 16])), else from the checkpoint (the training args it stores, and
+its weights), else from its folder name (`<model>-<F>x<T>p<pf>x<pt>[p<sr>]-...`, see m2d.checkpoint).
+A file name ending in `random` gives random weights. Files are read with the weights-only loader;
+trust_checkpoint=True is the opt-in for files that need full unpickling.
+
+LMS normalisation: first-release checkpoints (no stored `norm_stats`) normalise each batch with its own
+mean and std, as the published runtime; later formats (stored `norm_stats`, a sample-rate part in the
+folder name, M2D-AS/X/S/CLAP) and explicit stats (norm_stats=[mean, std], or EVAR's `mean`/`std`) use
+fixed stats, and encode the last partial chunk alone with its own positions, as the later runtime.
 
 In eval mode (the default) encoding runs under torch.inference_mode and returns ordinary tensors;
 call .train() for gradients (and for the training mask, when one is set).
 """
 import contextlib
 import logging
-import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -21,39 +27,53 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from timm.layers import resample_abs_pos_embed
 
-from util.checkpoint import load_checkpoint
-
+from .checkpoint import (DEFAULT_NORM_STATS, EXTRA_PARTS, FRONT_ENDS, PRETRAINING_PREFIXES, CheckpointParts,
+                         ModelSpec, backbone_model, describe, extract_state_dict, load_checkpoint, load_state_strict,
+                         split_state)
+from .checkpoint import parse_size  # noqa: F401  (the size parser, also used from here)
+from .clap import TextEncoder, projection_from_state
 from .encoder_inference import encode_inference
 from .lms import LogMelSpectrogram
 from .models_mae import M2DViT, MaskedAutoencoderViT, create_model
 
 log = logging.getLogger(__name__)
 
-FOLDER_NAME_FORMAT = '<model>-<F>x<T>p<pf>x<pt>[-<date>-<conf>], e.g. m2d_vit_base-80x608p16x16-220930-mr7'
-_FOLDER_NAME = re.compile(r'^(?P<model>\w+?)-(?P<F>\d+)x(?P<T>\d+)p(?P<pf>\d+)x(?P<pt>\d+)(?:-.*)?$')
-# Checkpoint entries that only the pre-training objective uses (dropped for encoder-only loading).
-_NON_ENCODER_PREFIXES = ('decoder', 'target', 'mask_token')
-
 AudioLike = Union[torch.Tensor, np.ndarray]
+# Settings the runtime settles, written back into the config object it was given (e.g. EVAR's cfg).
+RESOLVED_SETTINGS = ('model', 'input_size', 'patch_size', 'sr', 'sample_rate', 'n_fft', 'window_size', 'hop_size',
+                     'n_mels', 'f_min', 'f_max', 'mean', 'std', 'feature_d', 'flat_features', 'encoder_only')
 
 
 class Config:
     """Runtime settings. Any attribute can be set by keyword: Config(cls_token=True)."""
     weight_file = ''
-    model = ''             # '' = read from the weight file's folder name
-    input_size = None      # [F, T]; None = from the folder name
-    patch_size = None      # [pf, pt]; None = from the folder name
+    model = ''             # '' = from the checkpoint's args, else the folder name
+    input_size = None      # [F, T]; None = from the checkpoint's args, else the folder name
+    patch_size = None      # [pf, pt]; likewise
+    depth = None           # encoder blocks; None = as many as the checkpoint has
+    decoder_depth = None   # decoder blocks; None = as many as the checkpoint has
+    sr = ''                # '16k' / '32k': the log-mel front end; '' = from the checkpoint or folder name (16k)
     feature_d = 768 * 5    # set by RuntimeM2D: D * F/pf, plus D with cls_token
+    norm_stats = None      # [mean, std]: fixed LMS normalisation; None = the checkpoint's (later formats)
+    mean = None            # fixed LMS mean and std for weights that store none (EVAR's config keys);
+    std = None             #   set by RuntimeM2D whenever the stats are fixed, None for per-batch stats
+    last_chunk = ''        # 'pad' (zero-pad to the model width) / 'trim'; '' = 'trim' with fixed stats, else 'pad'
     cls_token = False      # prepend the [CLS] output to every frame feature
     training_mask = 0.0    # > 0: structured token masking in training mode, flat token features
     flat_features = False  # [B, tokens, D] instead of [B, frames, D * F/pf]
     encoder_only = False   # ignore decoder/target weights (less memory; no reconstruct())
+    dur_frames = None      # model width in frames: longer inputs in one piece (positions trimmed or resampled)
+    num_classes = None     # add EVAR's task head (BatchNorm1d without affine + Linear), loaded when stored
+    freeze_embed = False   # no gradients for the patch embedding (fine-tuning)
+    text_encoder = ''      # M2D-CLAP: local folder of the Hugging Face text encoder (never downloaded)
+    trust_checkpoint = False  # unpickle anything in the weight file: only for files you trust
     max_chunks_per_pass = 256  # input chunks encoded in one forward pass (bounds memory; all in one with a training mask)
     timestamp_hop_ms = 0.0  # get_timestamp_embeddings hop; 0 = the patch width (16 frames: 160 ms)
     autocast_bf16 = False  # fast path: encode under bfloat16 autocast
     compile = False        # fast path: torch.compile the encoder
-    # Log-mel front end.
+    # Log-mel front end (a 32k sample-rate part switches to FRONT_ENDS['32k']).
     sample_rate = 16000
     n_fft = 400
     window_size = 400
@@ -63,19 +83,33 @@ class Config:
     f_max = 8000
 
     def __init__(self, **kwargs):
+        self.extra = {}  # the caller's other settings (e.g. EVAR's output_layers), readable as attributes
         for key, value in kwargs.items():
             if key not in CONFIG_SETTINGS:
                 raise TypeError(f'Config has no setting {key!r}')
             setattr(self, key, value)
 
+    def __getattr__(self, key: str) -> Any:
+        extra = self.__dict__.get('extra', {})
+        if key in extra:
+            return extra[key]
+        raise AttributeError(f'Config has no setting {key!r}')
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
     @classmethod
     def from_any(cls, cfg: Any = None) -> 'Config':
         """A fresh Config from None, a Config, a dict, or any object with attributes (e.g. EVAR's
-        EasyDict); settings it does not know are ignored, and the given object is never modified."""
+        EasyDict); settings it does not know are kept in `extra`, and the given object is not modified."""
         if cfg is None:
             return cls()
-        get = cfg.get if isinstance(cfg, dict) else (lambda key, default: getattr(cfg, key, default))
-        return cls(**{k: get(k, getattr(Config, k)) for k in CONFIG_SETTINGS})
+        items = (dict(cfg) if isinstance(cfg, dict) else
+                 {**cfg.extra, **{k: getattr(cfg, k) for k in CONFIG_SETTINGS}} if isinstance(cfg, Config) else
+                 dict(vars(cfg)))
+        new = cls(**{k: v for k, v in items.items() if k in CONFIG_SETTINGS})
+        new.extra = {k: v for k, v in items.items() if k not in CONFIG_SETTINGS}
+        return new
 
     def __repr__(self) -> str:
         return 'Config(' + ', '.join(f'{k}={getattr(self, k)!r}' for k in CONFIG_SETTINGS) + ')'
@@ -85,113 +119,97 @@ CONFIG_SETTINGS = tuple(k for k, v in vars(Config).items()
                         if not k.startswith('_') and not isinstance(v, (classmethod, type(Config.__init__))))
 
 
-def parse_sizes_by_name(name: str) -> tuple[list[int], list[int], str]:
-    """'m2d_vit_base-80x608p16x16-220930-mr7' -> ([80, 608], [16, 16], 'm2d_vit_base')."""
-    m = _FOLDER_NAME.match(name)
-    if not m:
-        raise ValueError(f'cannot read the model and its sizes from the folder name {name!r}; expected '
-                         f'{FOLDER_NAME_FORMAT}. Rename the folder, or give them explicitly: '
-                         "RuntimeM2D(weight_file=..., model='m2d_vit_base', input_size=[80, 608], patch_size=[16, 16])")
-    return [int(m['F']), int(m['T'])], [int(m['pf']), int(m['pt'])], m['model']
+def adapt_positions(pos_embed: torch.Tensor, grid_f: int, width: int) -> torch.Tensor:
+    """pos_embed [1, 1 + grid_f * T', D] -> [1, 1 + grid_f * width, D]: the first `width` patch columns,
+    or bicubic resampling to more of them (as the later runtime's dur_frames)."""
+    cls, tokens = pos_embed[:, :1], pos_embed[:, 1:]
+    old_width = tokens.shape[1] // grid_f
+    if width <= old_width:
+        tokens = tokens.reshape(1, grid_f, old_width, -1)[:, :, :width].reshape(1, grid_f * width, -1)
+        return torch.cat([cls, tokens], dim=1)
+    return resample_abs_pos_embed(pos_embed, [grid_f, width], [grid_f, old_width], antialias=False)
 
 
-def extract_state_dict(checkpoint: Any, path: Union[str, Path]) -> dict[str, torch.Tensor]:
-    """The model state dict of a `{'model': state_dict, ...}` or bare-state-dict checkpoint."""
-    state = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        keys = list(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f'{path} holds no model state dict (expected {{"model": state_dict, ...}} or a bare '
-                         f'state dict; found {keys})')
-    if all(k.startswith('module.') for k in state):  # saved from a DDP-wrapped model
-        state = {k[len('module.'):]: v for k, v in state.items()}
-    return state
+def build_backbone(cfg: Config) -> tuple[MaskedAutoencoderViT, ModelSpec, CheckpointParts]:
+    """Settle the model cfg names (see m2d.checkpoint.describe), create it and load its weights.
 
-
-def parse_size(size: Union[int, str, list, tuple]) -> list[int]:
-    """16 / '16' / '80x608' / [80, 608] -> [int, int] (a single number is square); both positive."""
-    parts = [size] if isinstance(size, int) else size.lower().split('x') if isinstance(size, str) else list(size)
-    try:
-        pair = [int(v) for v in parts]
-    except (TypeError, ValueError):
-        pair = []
-    pair = pair * 2 if len(pair) == 1 else pair
-    if len(pair) != 2 or min(pair) <= 0:
-        raise ValueError(f'a size must be [height, width] or "HxW" (e.g. [80, 608] or "80x608"), got {size!r}')
-    return pair
-
-
-def _count_blocks(state: dict, prefix: str) -> int:
-    indices = {int(k.split('.')[1]) for k in state if k.startswith(prefix + '.')}
-    return max(indices) + 1 if indices else 0
-
-
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict(strict=True), failing with every missing, unexpected and mis-shaped key."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f'{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}'
-                  for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        def listing(title, keys):
-            return f'\n  {title} ({len(keys)}): ' + ', '.join(keys[:12]) + (' ...' if len(keys) > 12 else '')
-        raise ValueError(f'the checkpoint does not match {what}:'
-                         + (listing('missing keys', missing) if missing else '')
-                         + (listing('unexpected keys', unexpected) if unexpected else '')
-                         + (listing('shape mismatches', mismatched) if mismatched else '')
-                         + '\n  Check the model name and sizes (folder name or explicit arguments).')
-    model.load_state_dict(state)
-
-
-def build_backbone(cfg: Config) -> MaskedAutoencoderViT:
-    """Create the model named by cfg (filled from the folder name where unset) and load its weights.
-
-    Encoder and decoder depths follow the checkpoint; a checkpoint without decoder weights (or
-    cfg.encoder_only) gives an encoder-only model.
+    Fills cfg.model/input_size/patch_size/sr. Encoder and decoder depths follow the checkpoint; a
+    checkpoint without decoder weights (or cfg.encoder_only, or cfg.dur_frames) gives an encoder-only
+    model. -> (model, spec, the checkpoint's parts; those besides the backbone are the caller's).
     """
     path = Path(cfg.weight_file)
     random_weights = path.name.endswith('random')
-    # Read the checkpoint first, so that a wrong path reports "not found" rather than a naming problem.
-    state = None if random_weights else extract_state_dict(load_checkpoint(path), path)
-    if not (cfg.model and cfg.input_size and cfg.patch_size):
-        # The folder name, or for random weights also the name itself ('m2d_vit_base-80x608p16x16-random').
-        name = path.name if random_weights and _FOLDER_NAME.match(path.name) else path.parent.name
-        input_size, patch_size, model = parse_sizes_by_name(name)
-        cfg.model, cfg.input_size, cfg.patch_size = (cfg.model or model, cfg.input_size or input_size,
-                                                     cfg.patch_size or patch_size)
-    cfg.input_size, cfg.patch_size = parse_size(cfg.input_size), parse_size(cfg.patch_size)
-    kwargs = dict(img_size=cfg.input_size, patch_size=cfg.patch_size)
+    checkpoint = None if random_weights else load_checkpoint(path, trust=cfg.trust_checkpoint)
+    parts = None if random_weights else split_state(extract_state_dict(checkpoint, path))
+    spec = describe(path, checkpoint, parts, model=cfg.model, input_size=cfg.input_size, patch_size=cfg.patch_size,
+                    depth=cfg.depth, decoder_depth=cfg.decoder_depth, sr=cfg.sr, norm_stats=cfg.norm_stats)
+    cfg.model, cfg.input_size, cfg.patch_size, cfg.sr = spec.model, spec.input_size, spec.patch_size, spec.sr
+    cfg.encoder_only = bool(cfg.encoder_only or cfg.dur_frames or spec.decoder_depth == 0)
+    kwargs = dict(img_size=list(cfg.input_size), patch_size=cfg.patch_size, encoder_only=cfg.encoder_only)
+    kwargs.update({k: v for k, v in (('depth', spec.depth), ('decoder_depth', spec.decoder_depth)) if v})
+    state = None if parts is None else parts.model
     if random_weights:
         log.warning('Random weights: %s', path)
-    else:
-        if cfg.encoder_only:
-            state = {k: v for k, v in state.items() if not k.startswith(_NON_ENCODER_PREFIXES)}
-        kwargs['depth'] = _count_blocks(state, 'blocks')
-        decoder_depth = _count_blocks(state, 'decoder_blocks')
-        if decoder_depth:
-            kwargs['decoder_depth'] = decoder_depth
-        else:
-            cfg.encoder_only = True
-    model = create_model(cfg.model, encoder_only=cfg.encoder_only, **kwargs)
+    elif cfg.encoder_only:
+        state = {k: v for k, v in state.items() if not k.startswith(PRETRAINING_PREFIXES)}
+    if cfg.dur_frames:
+        grid_f, width = cfg.input_size[0] // cfg.patch_size[0], int(cfg.dur_frames) // cfg.patch_size[1]
+        if state is not None:
+            state['pos_embed'] = adapt_positions(state['pos_embed'], grid_f, width)
+        cfg.input_size = kwargs['img_size'] = [cfg.input_size[0], int(cfg.dur_frames)]
+    model = create_model(backbone_model(cfg.model), **kwargs)
     if state is not None:
-        load_state_strict(model, state, f'{cfg.model}(input {cfg.input_size}, patch {cfg.patch_size}, '
-                                        f'{len(model.blocks)} blocks{", encoder only" if cfg.encoder_only else ""})')
-    return model.eval()
+        load_state_strict(model, state, f'{cfg.model}(input {cfg.input_size}, patch {cfg.patch_size}, {len(model.blocks)} '
+                                        f'blocks{", encoder only" if cfg.encoder_only else ""})')
+    log.info('Model: %s', spec)
+    return model.eval(), spec, parts or CheckpointParts({})
+
+
+def write_back(target: Any, cfg: Config) -> None:
+    """Copy the settled RESOLVED_SETTINGS into the caller's config object (a dict, EasyDict or attribute object)."""
+    for key in RESOLVED_SETTINGS:
+        if isinstance(target, dict):
+            target[key] = getattr(cfg, key)
+        else:
+            setattr(target, key, getattr(cfg, key))
+
+
+class TaskHead(nn.Module):
+    """EVAR's linear task head: clip embeddings [B, D] -> BatchNorm1d (no affine) -> Linear -> logits [B, C]."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.linear = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.linear.weight, std=2e-5)
+        nn.init.zeros_(self.linear.bias)
+
+    def load_evar(self, state: dict[str, torch.Tensor]) -> None:
+        """Load an EVAR fine-tuning head ('head.norm.*', 'head.mlp.mlp.0.*' with the prefix removed)."""
+        load_state_strict(self, {k.replace('mlp.mlp.0.', 'linear.'): v for k, v in state.items()},
+                          f'the task head ({self.linear.in_features} -> {self.linear.out_features}; EVAR linear head)')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(x))
 
 
 class RuntimeM2D(nn.Module):
     """Audio -> log-mel spectrogram -> M2D features.
 
     Args:
-        cfg: a Config, dict or attribute object (missing settings take Config's defaults).
+        cfg: a Config, dict or attribute object such as EVAR's EasyDict (missing settings take Config's
+            defaults; other keys stay readable on runtime.cfg). The settled settings (RESOLVED_SETTINGS:
+            model, sizes, front end, mean/std, feature_d, ...) are written back into it.
         weight_file: checkpoint path (overrides cfg.weight_file); a name ending in 'random' gives random weights.
         training_mask: > 0 masks that ratio of tokens (whole rows/columns) in training mode; features are flat.
-        **settings: any Config setting, e.g. model='m2d_vit_base', input_size=[80, 608], cls_token=True.
+        **settings: any Config setting, e.g. model='m2d_vit_base', input_size=[80, 608], cls_token=True,
+            norm_stats=[-7.1, 4.2], num_classes=527, dur_frames=1001, text_encoder='/path/to/gte-base'.
     """
 
     def __init__(self, cfg: Any = None, weight_file: Optional[str] = None, training_mask: float = 0.0,
                  **settings):
         super().__init__()
+        given = cfg
         cfg = Config.from_any(cfg)
         for key, value in settings.items():
             if key not in CONFIG_SETTINGS:
@@ -201,26 +219,60 @@ class RuntimeM2D(nn.Module):
         if not cfg.weight_file:
             raise ValueError('RuntimeM2D needs a weight_file (a checkpoint path, or a name ending in "random")')
         cfg.training_mask = training_mask if training_mask > 0.0 else cfg.training_mask
-        cfg.flat_features = cfg.flat_features or cfg.training_mask > 0.0
+        cfg.flat_features = bool(cfg.flat_features or cfg.training_mask > 0.0)
         self.cfg = cfg
-        self.backbone = build_backbone(cfg)
+        self.backbone, self.spec, parts = build_backbone(cfg)
+        if cfg.sr != '16k':
+            for key, value in FRONT_ENDS[cfg.sr].items():
+                setattr(cfg, key, value)
+        stats = (self.spec.norm_stats or (None if cfg.mean is None or cfg.std is None else (cfg.mean, cfg.std))
+                 or (DEFAULT_NORM_STATS if self.spec.later_format else None))
+        cfg.mean, cfg.std = (float(stats[0]), float(stats[1])) if stats else (None, None)
+        cfg.last_chunk = cfg.last_chunk or ('trim' if stats or cfg.dur_frames else 'pad')
+        if cfg.last_chunk not in ('pad', 'trim'):
+            raise ValueError(f"last_chunk must be 'pad' or 'trim', got {cfg.last_chunk!r}")
         if cfg.training_mask > 0.0:
             self.backbone.set_random_structured_mask()
+        if cfg.freeze_embed:
+            self.backbone.patch_embed.requires_grad_(False)
         self.grid_f = cfg.input_size[0] // cfg.patch_size[0]
         self.embed_dim = self.backbone.pos_embed.shape[-1]
+        evar_head = parts.extra.get('head')
+        if cfg.num_classes and evar_head and evar_head['mlp.mlp.0.weight'].shape[-1] == self.embed_dim:
+            cfg.flat_features = True  # a head fine-tuned on token features (as the later runtime decides)
         cfg.feature_d = self.embed_dim * ((1 if cfg.flat_features else self.grid_f) + int(cfg.cls_token))
+        if cfg.num_classes:
+            self.head = TaskHead(cfg.feature_d, int(cfg.num_classes))
+            if evar_head:
+                self.head.load_evar(evar_head)
+        if 'audio_proj' in parts.extra or 'text_proj' in parts.extra:
+            self.audio_proj = projection_from_state(parts.extra.get('audio_proj'), 'audio_proj')
+            self.text_proj = projection_from_state(parts.extra.get('text_proj'), 'text_proj')
+        self._text_weights = parts.extra.get('text_encoder')
+        used = ('audio_proj', 'text_proj', 'text_encoder') + (('head',) if cfg.num_classes else ())
+        unused = [name for name in parts.extra if name not in used]
+        if unused:
+            log.warning('%s also holds %s; not used here', cfg.weight_file,
+                        ', '.join(f'{name} ({EXTRA_PARTS[name]})' for name in unused))
         self.to_spec = LogMelSpectrogram(cfg.sample_rate, cfg.n_fft, cfg.window_size, cfg.hop_size,
                                          cfg.n_mels, cfg.f_min, cfg.f_max)
         self.sample_rate = cfg.sample_rate
         self._forward_encoder = (torch.compile(self.backbone.forward_encoder, dynamic=True) if cfg.compile
                                  else self.backbone.forward_encoder)
         self._encode_inference = torch.compile(encode_inference, dynamic=True) if cfg.compile else encode_inference
+        if given is not None:
+            write_back(given, cfg)
         log.info('RuntimeM2D %s', cfg)
         self.eval()
 
     @property
     def device(self) -> torch.device:
         return self.backbone.cls_token.device
+
+    @property
+    def norm_stats(self) -> Optional[tuple[float, float]]:
+        """The fixed LMS (mean, std) this runtime normalises with; None for per-batch statistics."""
+        return None if self.cfg.mean is None else (self.cfg.mean, self.cfg.std)
 
     @property
     def scene_embedding_size(self) -> int:
@@ -292,36 +344,42 @@ class RuntimeM2D(nn.Module):
             return self.to_spec(audio).unsqueeze(1)
 
     def normalize_batch(self, x: torch.Tensor, return_stats: bool = False):
-        """(x - mean) / std over the whole batch; with return_stats also (mean, std)."""
-        mu, sigma = x.mean(), x.std()
-        if not sigma > 1e-5:  # digital silence: every LMS value is log(eps) (std is only rounding noise)
-            raise ValueError('cannot normalise a batch of constant spectrograms (digital silence?); normalise '
-                             'with dataset statistics instead: (runtime.to_feature(audio) - mean) / std')
+        """(x - mean) / std with the runtime's fixed stats (cfg.mean, cfg.std), else with the whole batch's
+        own mean and std (first-release checkpoints); with return_stats also (mean, std)."""
+        if self.norm_stats is not None:
+            mu, sigma = self.norm_stats
+        else:
+            mu, sigma = x.mean(), x.std()
+            if not sigma > 1e-5:  # digital silence: every LMS value is log(eps) (std is only rounding noise)
+                raise ValueError('cannot normalise a batch of constant spectrograms (digital silence?); normalise '
+                                 'with dataset statistics instead: (runtime.to_feature(audio) - mean) / std')
         x = (x - mu) / sigma
         return (x, (mu, sigma)) if return_stats else x
 
     def to_normalized_spec(self, batch_audio: AudioLike, return_stats: bool = False):
-        """Audio [B, S] -> batch-normalised LMS [B, 1, n_mels, T]."""
+        """Audio [B, S] -> normalised LMS [B, 1, n_mels, T] (see normalize_batch)."""
         return self.normalize_batch(self.to_feature(batch_audio), return_stats=return_stats)
 
     # ----- encoder --------------------------------------------------------------------------------
 
-    def _encode_chunks(self, lms: torch.Tensor, return_layers: bool) -> list[torch.Tensor]:
-        """LMS [B, 1, F, T] -> per-layer features [B, ceil(T / pt), D'] (flat: [B, n_chunks*K, D]).
+    def _encode_chunks(self, lms: torch.Tensor, return_layers: bool, width: Optional[int] = None) -> list[torch.Tensor]:
+        """LMS [B, 1, F, T] -> per-layer features [B, ceil(T / pt), D'] (flat: [B, tokens, D]) from chunks of
+        W frames (`width`, default the model's) encoded in batched passes.
 
-        Chunks of W frames are encoded in batched passes, the last one right-padded with zeros to W.
-        Its padded frames are dropped, so a pass of tail chunks computes only their real tokens'
-        outputs in the last block (eval mode; flat features keep every token).
+        The last chunk is right-padded with zeros to W and its padded frames are dropped, so a pass of
+        such tail chunks computes only the real tokens' outputs in the last block (eval mode; flat
+        features keep every token).
         """
         B, _, n_mels, T = lms.shape
-        W, pt = self.cfg.input_size[1], self.cfg.patch_size[1]
+        W, pt = width or self.cfg.input_size[1], self.cfg.patch_size[1]
         n_chunks = -(-T // W)  # a chunk made only of padding is never encoded
         chunks = F.pad(lms, (0, n_chunks * W - T)).reshape(B, 1, n_mels, n_chunks, W).permute(0, 3, 1, 2, 4)
-        tail_frames = -(-(T - (n_chunks - 1) * W) // pt)
-        if tail_frames == W // pt or self.cfg.flat_features:
-            groups = [(chunks, W // pt)]
+        grid_t = W // pt  # a width that is no multiple of pt loses its last partial patch
+        tail_frames = min(-(-(T - (n_chunks - 1) * W) // pt), grid_t)
+        if tail_frames == grid_t or self.cfg.flat_features:
+            groups = [(chunks, grid_t)]
         else:
-            groups = [(chunks[:, :-1], W // pt), (chunks[:, -1:], tail_frames)]
+            groups = [(chunks[:, :-1], grid_t), (chunks[:, -1:], tail_frames)]
         per_group = [[self._to_frames(latent, B, frames)
                       for latent in self._encode_group(group.reshape(-1, 1, n_mels, W), frames, return_layers)]
                      for group, frames in groups if group.shape[1]]
@@ -334,7 +392,7 @@ class RuntimeM2D(nn.Module):
         # A structured training mask draws its row count once per pass, so every chunk must share
         # one pass for all of them to keep the same number of tokens.
         step = len(chunks) if mask_ratio > 0 else max(1, int(self.cfg.max_chunks_per_pass))
-        grid_t = self.cfg.input_size[1] // self.cfg.patch_size[1]
+        grid_t = chunks.shape[-1] // self.cfg.patch_size[1]
         keep = None
         if frames < grid_t and not self.training:  # [CLS] and the tokens of the first `frames` frames in every row
             rows = torch.arange(self.grid_f * grid_t).view(self.grid_f, grid_t)
@@ -362,17 +420,31 @@ class RuntimeM2D(nn.Module):
             tokens = torch.cat([cls.expand(-1, tokens.shape[1], -1), tokens], dim=-1)
         return tokens.reshape(batch, -1, tokens.shape[-1])
 
+    def _split_last_chunk(self, lms: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """(LMS, chunk width) parts to encode: all of it in chunks of the model width ('pad'), or with
+        last_chunk 'trim' the whole chunks, then the rest padded to whole patches as one shorter chunk."""
+        W, pt, T = self.cfg.input_size[1], self.cfg.patch_size[1], lms.shape[-1]
+        if self.cfg.last_chunk == 'pad' or T % W == 0:
+            return [(lms, W)]
+        whole = T // W * W
+        # Whole patches, but never wider than W (a W that is no multiple of pt, e.g. 1001, ends in a partial patch).
+        rest = F.pad(lms[..., whole:], (0, min(-(T - whole) % pt, W - (T - whole))))
+        return ([(lms[..., :whole], W)] if whole else []) + [(rest, rest.shape[-1])]
+
     def encode_lms(self, lms: AudioLike, return_layers: bool = False):
         """LMS [B, 1, F, T] -> frame features [B, ceil(T / pt), D * F/pf].
 
-        Time is split into chunks of the model's input width (the last one right-padded with zeros),
-        all chunks are encoded in batched passes without masking, and the frames that come from
-        padding are dropped. return_layers=True gives a list with one such tensor per block (the
-        last one after the final norm). With flat_features: token features [B, chunks*K, D].
+        Time is split into chunks of the model's input width, all chunks are encoded in batched passes
+        without masking, and the frames that come from padding are dropped. The last partial chunk is
+        right-padded with zeros to the model width (last_chunk 'pad', the first release), or to whole
+        patches and encoded with its own positions ('trim', the later runtime). return_layers=True gives
+        a list with one such tensor per block (the last one after the final norm). With flat_features:
+        token features [B, tokens, D].
         """
         lms = self.check_lms(lms)
         with torch.inference_mode(not self.training):
-            layers = self._encode_chunks(lms, return_layers)
+            parts = [self._encode_chunks(x, return_layers, width) for x, width in self._split_last_chunk(lms)]
+            layers = [torch.cat(per_part, dim=1) for per_part in zip(*parts)]
         if not self.training:  # inference tensors -> ordinary ones, usable anywhere afterwards
             layers = [x.clone() for x in layers]
         return layers if return_layers else layers[0]
@@ -380,6 +452,50 @@ class RuntimeM2D(nn.Module):
     def encode(self, batch_audio: AudioLike) -> torch.Tensor:
         """Audio [B, S] -> frame features [B, ceil((1 + S // hop) / pt), D * F/pf]."""
         return self.encode_lms(self.to_normalized_spec(batch_audio))
+
+    def forward(self, batch_audio: AudioLike) -> torch.Tensor:
+        """Audio [B, S] -> logits [B, num_classes] with a task head (num_classes), else encode(audio)."""
+        x = self.encode(batch_audio)
+        return self.head(x.mean(dim=1)) if hasattr(self, 'head') else x
+
+    # ----- M2D-CLAP -------------------------------------------------------------------------------
+
+    def _require_clap(self) -> None:
+        if not hasattr(self, 'audio_proj'):
+            raise ValueError(f'{self.cfg.weight_file} is not an M2D-CLAP checkpoint (no audio_proj/text_proj weights)')
+
+    def project_audio(self, features: torch.Tensor) -> torch.Tensor:
+        """Audio features [B, T, D] (flat tokens) or [B, T, D * F/pf] (frames) -> CLAP audio embeddings [B, D'].
+
+        The semantic-token projector reads all tokens; the MLP projector their mean (token order is
+        irrelevant to both, so frame and flat features give the same result).
+        """
+        self._require_clap()
+        B, T, D = features.shape
+        if D == self.grid_f * self.embed_dim and D != self.embed_dim:
+            features = features.reshape(B, T * self.grid_f, self.embed_dim)
+        elif D != self.embed_dim:
+            raise ValueError(f'project_audio takes features [B, T, {self.embed_dim}] or [B, T, '
+                             f'{self.grid_f * self.embed_dim}] (last layer, no cls_token), got {list(features.shape)}')
+        if isinstance(self.audio_proj, (nn.Sequential, nn.Identity)):
+            features = features.mean(dim=1)
+        return self.audio_proj(features)
+
+    def encode_clap_audio(self, batch_audio: AudioLike) -> torch.Tensor:
+        """Audio [B, S] -> CLAP audio embeddings [B, D'] in the space shared with encode_clap_text."""
+        self._require_clap()
+        return self.project_audio(self.encode(batch_audio))
+
+    def encode_clap_text(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> CLAP text embeddings [B, D'] (float32, on the CPU as the later runtime), with the text
+        encoder from the local folder cfg.text_encoder (loaded on first use)."""
+        self._require_clap()
+        if not hasattr(self, 'text_model'):
+            kind = self.spec.name_extra[0] if self.spec.name_extra else 'A'  # e.g. ...p16kpBpTI -> 'B'
+            self.text_model = TextEncoder(self.cfg.text_encoder, kind, self._text_weights).to(self.device)
+        with torch.inference_mode(not self.training):
+            embeddings = self.text_proj(self.text_model(texts))
+        return embeddings.detach().float().cpu().clone()
 
     def get_scene_embeddings(self, audio: AudioLike) -> torch.Tensor:
         """Audio [B, S] -> clip embeddings [B, feature_d] (time mean of encode())."""

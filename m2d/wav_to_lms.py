@@ -1,6 +1,8 @@
-"""Convert a folder of audio files to log-mel spectrogram (LMS) .npy files for pre-training.
+"""Convert audio files to log-mel spectrogram (LMS) .npy files for pre-training (README: Preparing pre-training data).
 
-    report = convert_folder('/your/local/fsd50k/FSD50K.dev_audio', 'data/lms_fsd50kdev')
+    python wav_to_lms.py /your/local/fsd50k/FSD50K.dev_audio data/lms_fsd50kdev --csv data/files_fsd50k.csv
+    m2d wav2lms /your/local/fsd50k/FSD50K.dev_audio data/lms_fsd50kdev --csv data/files_fsd50k.csv  # the same
+    report = convert_folder('/your/local/fsd50k/FSD50K.dev_audio', 'data/lms_fsd50kdev')  # from Python
     write_file_list('data/lms_fsd50kdev', 'data/files_fsd50k.csv', data_path='data')
 
 Every `*.wav` (or `suffix`) below the source folder becomes a float32 (1, 80, T) .npy at the same
@@ -12,10 +14,12 @@ thread, so cores are never oversubscribed; each worker builds the mel front end 
 converted one at a time: batching equal-length clips gained under 10% on the spectrogram alone at
 one thread, and the spectrogram is a minority of the per-file time (decoding and resampling, writing).
 """
+import argparse
 import contextlib
 import csv
 import multiprocessing as mp
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +29,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from util.checkpoint import open_atomic, save_npy_atomic
+from util.atomic import open_atomic, remove_stale_temp_files, save_npy_atomic
 
 from .audio_io import AudioReadError, load_audio
+from .cli import Interrupted, UsageError, check_writable, describe_interrupt, writing
+from .data import leaves_folder, read_file_list
 from .lms import LogMelSpectrogram
 
 PathLike = Union[str, Path]
@@ -59,9 +65,10 @@ class ConversionReport:
 
 
 def output_path(src_file: Path, src: Path, dst: Path, suffix: str) -> Path:
-    """SRC/a/b.wav -> DST/a/b.npy (the relative path kept, `suffix` replaced by .npy)."""
+    """SRC/a/b.wav -> DST/a/b.npy (the relative path kept, `suffix` replaced by .npy; a listed file with
+    another ending has its own extension replaced)."""
     rel = src_file.relative_to(src).as_posix()
-    return dst / (rel[:-len(suffix)] + '.npy')
+    return dst / ((rel[:-len(suffix)] if rel.endswith(suffix) else os.path.splitext(rel)[0]) + '.npy')
 
 
 def list_sources(src: PathLike, suffix: str = '.wav') -> list[Path]:
@@ -90,6 +97,7 @@ def convert_file(src_file: PathLike, dst_file: PathLike, to_lms: LogMelSpectrogr
 
 def _init_worker() -> None:
     global _worker_lms
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every worker: the parent alone handles it
     torch.set_num_threads(1)  # one process per core; more threads per process only contend
     _worker_lms = LogMelSpectrogram()
 
@@ -139,13 +147,17 @@ def _run_jobs(jobs: list[tuple[int, str, str, int]], workers: int) -> Iterator[t
 
 
 def convert_folder(src: PathLike, dst: PathLike, suffix: str = '.wav', workers: Optional[int] = None,
-                   min_length: float = 0.0, verbose: bool = False, progress: bool = True) -> ConversionReport:
-    """Convert every `*suffix` file below `src` to `dst`/<same relative path>.npy, float32 (1, 80, T).
+                   min_length: float = 0.0, verbose: bool = False, progress: bool = True,
+                   files: Optional[Sequence[str]] = None, skip: int = 0) -> ConversionReport:
+    """Convert every `*suffix` file below `src` (or only `files`, paths relative to `src`) to
+    `dst`/<same relative path>.npy, float32 (1, 80, T).
 
-    Outputs that already exist are skipped; files that cannot be read (corrupt, empty, NaN) are
-    reported in the returned report's `failed` and skipped. `min_length` > 0 right-pads shorter
-    audio with silence to that many seconds (the published script's default was 6.1).
-    `workers`: processes to use (default: all cores); 1 converts in this process.
+    Outputs that already exist are skipped; files that cannot be read (missing, corrupt, truncated,
+    empty, NaN) are reported in the returned report's `failed` and skipped. `min_length` > 0 right-pads
+    shorter audio with silence to that many seconds (the published script's default was 6.1).
+    `workers`: processes to use (default: all cores); 1 converts in this process. `skip`: leave out
+    the first that many sources (sorted), as the published script's --skip did. Temporary files that
+    a killed earlier run left in `dst` are removed first. Ctrl-C raises Interrupted saying how far it got.
     """
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -157,33 +169,49 @@ def convert_folder(src: PathLike, dst: PathLike, suffix: str = '.wav', workers: 
         raise ValueError(f'workers must be >= 1, got {workers}')
     if min_length < 0:
         raise ValueError(f'min_length must be >= 0 seconds, got {min_length}')
+    if skip < 0:
+        raise ValueError(f'skip must be >= 0, got {skip}')
     min_samples = int(SAMPLE_RATE * min_length)
+    if files is not None:
+        outside = [f for f in files if leaves_folder(str(f))]
+        if outside:
+            raise ValueError(f'{len(outside)} listed files are not below {src} (absolute or with ..), e.g. '
+                             f'{outside[:3]}; list paths relative to the source folder')
+    if dst.is_dir():
+        remove_stale_temp_files(dst, recursive=True)
 
     report = ConversionReport()
     sources, jobs = [], []
-    for src_file in list_sources(src, suffix):
+    listed = list_sources(src, suffix) if files is None else sorted({src / f for f in files})
+    for src_file in listed[skip:]:
         dst_file = output_path(src_file, src, dst, suffix)
         if dst_file.exists():
             report.skipped.append(dst_file)
+        elif not src_file.exists():
+            report.failed.append((src_file, f'{src_file}: missing'))
         else:
             jobs.append((len(sources), str(src_file), str(dst_file), min_samples))
             sources.append((src_file, dst_file))
     workers = min(workers, max(1, len(jobs)))
     if progress:
-        print(f'{src} -> {dst}: {len(jobs)} {suffix} files to convert, {len(report.skipped)} already converted, '
+        what = f'{suffix} files' if files is None else 'listed files'
+        print(f'{src} -> {dst}: {len(jobs)} {what} to convert, {len(report.skipped)} already converted, '
               f'{workers} worker(s)', file=sys.stderr)
 
     with tqdm(total=len(jobs), unit='file', disable=not progress or not jobs) as bar:
-        for index, samples, error in _run_jobs(jobs, workers):
-            src_file, dst_file = sources[index]
-            if error is None:
-                report.converted.append(dst_file)
-                report.audio_seconds += samples / SAMPLE_RATE
-                if verbose:
-                    bar.write(f'{src_file} -> {dst_file} (1, 80, {1 + samples // 160})', file=sys.stderr)
-            else:
-                report.failed.append((src_file, error))
-            bar.update()
+        try:
+            for index, samples, error in _run_jobs(jobs, workers):
+                src_file, dst_file = sources[index]
+                if error is None:
+                    report.converted.append(dst_file)
+                    report.audio_seconds += samples / SAMPLE_RATE
+                    if verbose:
+                        bar.write(f'{src_file} -> {dst_file} (1, 80, {1 + samples // 160})', file=sys.stderr)
+                else:
+                    report.failed.append((src_file, error))
+                bar.update()
+        except KeyboardInterrupt:
+            raise Interrupted(describe_interrupt(len(report.converted), len(jobs), 'converted')) from None
     report.converted.sort()
     report.failed.sort()
     return report
@@ -223,28 +251,59 @@ def write_file_list(lms_dirs: Union[PathLike, Sequence[PathLike]], csv_path: Pat
 
 
 def main(src: str, dst: str, suffix: str = '.wav', workers: Optional[int] = None, csv: Optional[str] = None,
-         data_path: str = 'data', min_length: float = 0.0, verbose: bool = False) -> None:
-    """Convert audio below SRC to LMS .npy files below DST (README: Preparing pre-training data).
+         data_path: str = 'data', min_length: float = 0.0, verbose: bool = False, files: Optional[str] = None,
+         skip: int = 0) -> int:
+    """Convert audio below SRC (or the files a list names) to LMS .npy files below DST; see add_arguments.
 
-    --suffix: source file ending (default .wav); --workers: processes (default: all cores);
-    --csv PATH: also write the pre-training file list of every .npy below DST, relative to --data_path
-    (default data); --min_length SEC: right-pad shorter audio with silence (default 0: none; the
-    published script padded to 6.1 s); --verbose: print every file. Exits 1 when DST ends up with
-    no output for any source file (no inputs, or all failed).
+    Returns the exit status: 0, or 1 when DST ends up with no output for any source file (no inputs,
+    or all failed). Raises UsageError for bad arguments, a bad list or an unwritable output, before
+    converting anything; Interrupted on Ctrl-C.
     """
     src, dst = str(src), str(dst)
     try:
+        names = None if files is None else read_file_list(files, 'file list', 'SRC')
+        check_writable(dst, folder=True)
         if csv is not None:  # fail before converting, not after
             check_inside(dst, data_path)
+            check_writable(csv)
         report = convert_folder(src, dst, suffix=suffix, workers=workers, min_length=float(min_length),
-                                verbose=verbose)
-    except (NotADirectoryError, ValueError) as e:
-        sys.exit(f'error: {e}')
+                                verbose=verbose, files=names, skip=skip)
+    except UsageError:
+        raise
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
     print(report.summary(), file=sys.stderr)
     if not report.ok:
         found = len(report.failed)
-        sys.exit(f'error: no {suffix} files found below {src} (set --suffix for other types)' if not found
-                 else f'error: all {found} {suffix} files failed to convert')
+        what = f'{suffix} files' if files is None else 'listed files'
+        print(f'error: no {what} found below {src} (set --suffix for other types)' if not found
+              else f'error: all {found} {what} failed to convert', file=sys.stderr)
+        return 1
     if csv is not None:
-        names = write_file_list(dst, csv, data_path)
+        with writing(csv):
+            names = write_file_list(dst, csv, data_path)
         print(f'wrote {csv}: {len(names)} files (file_name relative to {data_path})', file=sys.stderr)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('src', help='source folder, searched recursively for --suffix files')
+    parser.add_argument('dst', help='destination folder: SRC/a/b.wav becomes DST/a/b.npy')
+    parser.add_argument('--suffix', default='.wav', help='ending of the files to convert (case-sensitive)')
+    parser.add_argument('--files', default=None,
+                        help="convert only the files this list names (a CSV with a 'file_name' column, or one path "
+                             'per line), as paths relative to SRC; --suffix does not apply')
+    parser.add_argument('--workers', type=int, default=None, help='worker processes (default: all cores)')
+    parser.add_argument('--csv', default=None,
+                        help='also write the pre-training file list of every .npy below DST (DST must be inside '
+                             '--data_path)')
+    parser.add_argument('--data_path', default='data', help='the folder the --csv paths are relative to')
+    parser.add_argument('--min_length', type=float, default=0.0,
+                        help='right-pad shorter audio with silence to this many seconds (the published script: 6.1)')
+    parser.add_argument('--skip', type=int, default=0, help='leave out the first N source files (sorted)')
+    parser.add_argument('--verbose', action='store_true', help='print every converted file with its shape')
+
+
+def run(args: argparse.Namespace) -> int:
+    """`m2d wav2lms` / wav_to_lms.py."""
+    return main(**vars(args))

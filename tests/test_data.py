@@ -97,3 +97,53 @@ def test_vis_samples(tmp_path):
     assert names == ['a', 'b'] and lms.shape == (2, 1, 80, 64)
     assert torch.all(lms[0] == 1.0) and torch.all(lms[1, ..., :30] == 0.0) and torch.all(lms[1, ..., 30:] == -0.5)
     assert load_vis_samples(tmp_path / 'none', 64, (0.0, 1.0)) == ([], None)
+
+
+def test_nan_and_inf_files_are_named_and_skippable(tmp_path, capsys):
+    write_npy(tmp_path / 'ok.npy', 50)
+    x = write_npy(tmp_path / 'nan.npy', 50)
+    x[0, 3, 7] = np.nan
+    np.save(tmp_path / 'nan.npy', x)
+    x[0, 3, 7:10] = np.inf
+    np.save(tmp_path / 'inf.npy', x)
+    np.save(tmp_path / 'huge.npy', np.full((1, 80, 50), 3e38, np.float32))  # its sum overflows; values are finite
+    files = ['ok.npy', 'nan.npy', 'inf.npy', 'huge.npy']
+    with pytest.raises(ValueError) as err:
+        check_files(files, tmp_path, 80)
+    assert '2 of 4 files' in str(err.value)
+    assert 'nan.npy: holds 1 NaN/inf values' in str(err.value) and 'inf.npy: holds 3 NaN/inf values' in str(err.value)
+    assert check_files(files, tmp_path, 80, skip_missing=True) == ['ok.npy', 'huge.npy']
+    assert 'WARNING: skipping 2 of 4 files' in capsys.readouterr().out
+
+
+def test_file_list_problems_name_the_file(tmp_path):
+    empty = tmp_path / 'empty.csv'
+    empty.write_text('')
+    with pytest.raises(ValueError, match=f'{empty} is empty'):
+        read_file_list(empty)
+    (tmp_path / 'header.csv').write_text('file_name\n')
+    with pytest.raises(ValueError, match='header.csv lists no files'):
+        read_file_list(tmp_path / 'header.csv')
+    (tmp_path / 'list.txt').write_text('b.npy\n\na/c.npy\n')  # a plain list, one path per line
+    assert read_file_list(tmp_path / 'list.txt') == ['a/c.npy', 'b.npy']
+
+
+def test_paths_leaving_the_data_folder_are_rejected(tmp_path):
+    csv = tmp_path / 'files.csv'
+    csv.write_text('file_name\nok.npy\n../secret.npy\nsub/../ok.npy\n/etc/abs.npy\nsub/../../up.npy\n')
+    with pytest.raises(ValueError) as err:
+        read_file_list(csv)
+    message = str(err.value)
+    assert '3 file names point outside --data_path' in message
+    assert 'line 3: ../secret.npy' in message and 'line 5: /etc/abs.npy' in message
+    assert 'line 6: sub/../../up.npy' in message
+    assert 'line 4' not in message  # sub/../ok.npy stays inside
+    assert 'set --data_path to a folder' in message
+    # A symlink inside the data folder may point anywhere: paths are compared as written.
+    outside = tmp_path / 'elsewhere'
+    write_npy(outside / 'x.npy', 50)
+    data = tmp_path / 'data'
+    data.mkdir()
+    (data / 'linked').symlink_to(outside)
+    (data / 'files.csv').write_text('file_name\nlinked/x.npy\n')
+    assert check_files(read_file_list(data / 'files.csv'), data, 80) == ['linked/x.npy']

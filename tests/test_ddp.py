@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from conftest import make_lms_dataset
 
 from m2d.pretrain import build_model, get_args_parser, main
-from util.checkpoint import load_checkpoint
+from m2d.checkpoint import load_checkpoint
 
 
 def _free_port() -> int:

@@ -7,8 +7,8 @@ from m2d.runtime_audio import RuntimeM2D
 
 
 def test_demo_runs_end_to_end_below_out(tmp_path, capfd):
-    main(['--out', str(tmp_path), '--n_files', '24', '--epochs', '2', '--batch_size', '8', '--depth', '1',
-          '--decoder_depth', '1'])
+    assert main(['--out', str(tmp_path), '--n_files', '24', '--epochs', '2', '--batch_size', '8', '--depth', '1',
+                 '--decoder_depth', '1']) == 0
     printed = capfd.readouterr().out
 
     checkpoint = tmp_path / 'runs' / 'm2d_vit_tiny-80x208p16x16-demo' / 'checkpoint-2.pth'

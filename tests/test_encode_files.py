@@ -1,12 +1,17 @@
 """`python -m m2d encode` / m2d.encode_files: audio files -> .npy embeddings."""
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import make_checkpoint
 
 from m2d.__main__ import main
 from m2d.audio_io import load_audio
@@ -137,3 +142,65 @@ def test_module_entry_point_and_usage_errors(capsys):
             main(argv)
         assert e.value.code == 2
     assert 'usage: m2d' in capsys.readouterr().err
+
+
+def test_weight_and_output_problems_are_one_line_errors(tiny_ckpt, audio_dir, tmp_path, capsys):
+    wrong = tmp_path / 'm2d_vit_tiny-80x208p16x16-000000-x' / 'checkpoint-1.pth'  # the name says 80x208 ...
+    wrong.parent.mkdir()
+    wrong.write_bytes(make_checkpoint(tmp_path / 'small', input_size=(80, 96)).read_bytes())  # ... the weights 80x96
+    truncated = tmp_path / tiny_ckpt.parent.name / 'checkpoint-1.pth'
+    truncated.parent.mkdir()
+    truncated.write_bytes(tiny_ckpt.read_bytes()[:5000])
+    missing = tmp_path / tiny_ckpt.parent.name / 'checkpoint-9.pth'
+    for weights, why in [(missing, 'not found'), (truncated, str(truncated)), (wrong, 'does not match')]:
+        assert main(['encode', str(weights), str(audio_dir), str(tmp_path / 'out')]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('error: ') and str(weights) in err and why in err
+        assert 'Traceback' not in err  # (a mismatch lists the keys on a few more lines)
+    assert not list((tmp_path / 'out').rglob('*.npy'))
+
+    (tmp_path / 'a_file').write_text('x')
+    assert main(['encode', str(tiny_ckpt), str(audio_dir), str(tmp_path / 'a_file')]) == 2
+    assert capsys.readouterr().err == f'error: cannot write {tmp_path / "a_file"}: it is a file, not a folder\n'
+    assert main(['encode', str(tiny_ckpt), str(tmp_path / 'nowhere'), str(tmp_path / 'out')]) == 2
+    assert 'error: input not found' in capsys.readouterr().err
+    with pytest.raises(SystemExit, match='2'):
+        main(['encode', str(tiny_ckpt), str(audio_dir), str(tmp_path / 'out'), '--norm_stats', '[-8, nan]'])
+    assert 'two finite numbers' in capsys.readouterr().err
+
+
+def test_truncated_audio_is_reported(tiny_ckpt, tmp_path):
+    (tmp_path / 'in').mkdir()
+    sf.write(tmp_path / 'in' / 'whole.wav', tone(1.0, 16000), 16000)
+    data = (tmp_path / 'in' / 'whole.wav').read_bytes()
+    (tmp_path / 'in' / 'cut.wav').write_bytes(data[:len(data) // 2])
+    report = encode_files(tiny_ckpt, tmp_path / 'in', tmp_path / 'out', progress=False)
+    assert [p.name for p in report.encoded] == ['whole.npy']
+    held = sf.info(str(tmp_path / 'in' / 'cut.wav')).frames  # what libsndfile finds, with no error
+    assert report.failed == [(tmp_path / 'in' / 'cut.wav', f'truncated: header says 16000 samples, file holds {held}')]
+
+
+def test_ctrl_c_says_how_far_it_got_and_a_rerun_continues(tiny_ckpt, tmp_path):
+    (tmp_path / 'in').mkdir()
+    for i in range(6):
+        sf.write(tmp_path / 'in' / f'{i}.wav', tone(0.5 + 0.1 * i, 16000, seed=i), 16000)
+    # Each save is slowed down so that Ctrl-C surely comes mid-run; the rest is the real command.
+    slowed = ('import sys, time; import m2d.encode_files as e; from m2d.__main__ import main\n'
+              'save = e.save_npy_atomic\n'
+              'e.save_npy_atomic = lambda *a: (time.sleep(1), save(*a))[1]\n'
+              'sys.exit(main(sys.argv[1:]))')
+    cmd = [sys.executable, '-c', slowed, 'encode', str(tiny_ckpt), str(tmp_path / 'in'), str(tmp_path / 'out'),
+           '--batch_size', '1', '--device', 'cpu']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / 'out').glob('*.npy')) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    done = len(list((tmp_path / 'out').glob('*.npy')))
+    assert 1 <= done < 6 and 'Traceback' not in err
+    assert err.splitlines()[-1] == f'interrupted; {done} of 6 files encoded, rerun the same command to continue'
+    report = encode_files(tiny_ckpt, tmp_path / 'in', tmp_path / 'out', progress=False)
+    assert len(report.skipped) == done and len(report.encoded) == 6 - done

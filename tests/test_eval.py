@@ -1,5 +1,6 @@
 """The built-in evaluator (python -m m2d.eval): tasks, linear evaluation, fine-tuning, summary, suites, scripts."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,11 +86,16 @@ def test_evar_tasks_from_the_data_root(tiny_ckpt, task_csv, tmp_path, monkeypatc
     assert len(rows[1]['folds']) == 3 and rows[1]['score'] == pytest.approx(np.mean(rows[1]['folds']), abs=1e-6)
 
 
-def test_weight_errors(task_csv, tmp_path):
+def test_weight_errors(task_csv, tmp_path, capsys):
     with pytest.raises(ValueError, match='--model and --input_size'):
         linear_evaluation('random', str(task_csv), results=None)
-    with pytest.raises(SystemExit, match='weight file not found: .*no-such.pth'):
-        main(['lineareval', str(tmp_path / 'no-such.pth'), str(task_csv)])
+    assert main(['lineareval', str(tmp_path / 'no-such.pth'), str(task_csv)]) == 2
+    assert re.fullmatch(r'error: lineareval: weight file not found: .*no-such.pth\n', capsys.readouterr().err)
+    (tmp_path / 'm2d_vit_tiny-80x208p16x16-x').mkdir()
+    (tmp_path / 'm2d_vit_tiny-80x208p16x16-x' / 'corrupt.pth').write_bytes(b'PK\x03\x04 not really a zip')
+    assert main(['lineareval', str(tmp_path / 'm2d_vit_tiny-80x208p16x16-x' / 'corrupt.pth'), str(task_csv)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: lineareval: ') and 'corrupt.pth' in err and len(err.splitlines()) == 1
 
 
 def _blobs(rng, n_per_class, n_classes, dim=8):
@@ -202,6 +208,13 @@ def _variant(task_csv: Path, tmp_path: Path, edit) -> str:
     (lambda df: df.assign(label='tone'), 'only one class'),
     (lambda df: df.drop(columns='split'), 'needs columns file_name, label and split'),
     (lambda df: df.drop(columns='split').assign(fold=1), 'single fold'),
+    (lambda df: df.assign(label=df.label.where(~df.index.isin([3, 9]), np.nan)),
+     rf"2 rows of .*bad.csv have an empty or NaN label: line 5 \(.*\.wav\), line 11 \(.*\.wav\); give every row"),
+    (lambda df: df.assign(label=df.label.where(df.index != 0, 'nan')), r'1 rows .* empty or NaN label: line 2 '),
+    (lambda df: df.assign(label=df.label.where(df.index != 0, 'tone,NaN')), r'1 rows .* empty or NaN label: line 2 '),
+    (lambda df: df.assign(file_name=df.file_name.where(df.index != 4, '../../etc/passwd')),
+     r'1 file names point outside --audio_root \(absolute or with \.\.\): line 6: \.\./\.\./etc/passwd'),
+    (lambda df: df.assign(file_name=df.file_name.where(df.index != 0, '/abs/x.wav')), r'line 2: /abs/x.wav'),
 ])
 def test_bad_task_input_fails_before_encoding(task_csv, tmp_path, edit, message):
     path = _variant(task_csv, tmp_path, edit)
@@ -215,8 +228,11 @@ def test_unknown_task_and_missing_data_root(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv('M2D_EVAL_DATA', raising=False)
     with pytest.raises(TaskError, match='set M2D_EVAL_DATA'):
         resolve_task('cremad')
-    with pytest.raises(SystemExit, match='error: unknown task'):
-        main(['lineareval', str(tmp_path / 'w.pth'), 'nosuch'])
+    assert main(['lineareval', str(tmp_path / 'w.pth'), 'nosuch']) == 2
+    assert capsys.readouterr().err.startswith("error: lineareval: unknown task 'nosuch'")
+    (tmp_path / 'empty.csv').write_text('')
+    assert main(['lineareval', str(tmp_path / 'w.pth'), str(tmp_path / 'empty.csv')]) == 2
+    assert f'metadata file {tmp_path / "empty.csv"} is empty' in capsys.readouterr().err
     monkeypatch.setenv('M2D_EVAL_DATA', str(tmp_path))
     with pytest.raises(TaskError, match='metadata file not found.*evar/metadata/cremad.csv'):
         load_task(resolve_task('cremad'))
@@ -234,3 +250,10 @@ def test_augmentations_keep_shape_and_mask_bands():
     assert mixup(x, y, 0.0)[0] is x
     xm, ym = mixup(x, y, 0.5)
     assert torch.allclose(ym.sum(1), torch.ones(4))
+
+
+def test_an_unwritable_cache_costs_only_the_cache(tiny_ckpt, task_csv, tmp_path, capsys, one_thread):
+    (tmp_path / 'a_file').write_text('x')
+    row = linear_evaluation(tiny_ckpt, str(task_csv), results=None, batch_size=8, cache_dir=str(tmp_path / 'a_file'))
+    assert 0 <= row['score'] <= 1 and not row['cached']
+    assert f'Note: embeddings not cached (cannot write {tmp_path / "a_file"}/small-' in capsys.readouterr().err

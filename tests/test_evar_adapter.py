@@ -1,4 +1,5 @@
 """for_evar/ar_m2d.py inside an EVAR-like checkout (tests/evar_stub), linked as the README sets it up."""
+import datetime
 import importlib
 import os
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from m2d.checkpoint import UnsafeCheckpointError
 from m2d.runtime_audio import RuntimeM2D
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,3 +132,14 @@ def test_batch_norm_stats_variant_and_missing_precompute(evar, tiny_ckpt, one_th
         torch.testing.assert_close(ar(audio[:2]), ar.runtime.encode(audio[:2]).mean(1))
     with pytest.raises(RuntimeError, match='precompute'):
         evar.AR_M2D(make_cfg(evar, tiny_ckpt))(audio[:2])
+
+
+def test_crafted_weight_file_is_refused(evar, tiny_ckpt, tmp_path):
+    from test_checkpoint import WritesMarker, resave
+    marker = tmp_path / 'MARKER'
+    path = resave(tiny_ckpt, tmp_path / tiny_ckpt.parent.name / 'checkpoint-1.pth', args=WritesMarker(marker))
+    with pytest.raises(UnsafeCheckpointError, match='trust_checkpoint=True'):
+        evar.AR_M2D(make_cfg(evar, path))
+    assert not marker.exists()
+    dated = resave(tiny_ckpt, tmp_path / 'dated' / tiny_ckpt.parent.name / 'checkpoint-1.pth', saved_on=datetime.date.today())
+    assert evar.AR_M2D(make_cfg(evar, dated, trust_checkpoint=True)).cfg.feature_d == 960

@@ -1,12 +1,17 @@
 """Pre-training loop: schedules, optimizer groups, outputs, checkpoints, resume, failures, hooks, scripts."""
 import datetime
+import errno
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_checkpoint, make_lms_dataset
@@ -15,7 +20,7 @@ from m2d.engine_pretrain import Precision, Schedule, optimizer_step
 from m2d.models_mae import M2DViT
 from m2d.pretrain import build_model, build_optimizer, cli, get_args_parser, main, save_checkpoint
 from m2d.runtime_audio import RuntimeM2D
-from util.checkpoint import load_checkpoint
+from m2d.checkpoint import load_checkpoint
 from util.schedules import cosine_lr, ema_decay, scaled_lr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,3 +257,121 @@ def test_resume_from_weights_only(lms_data, tmp_path, capsys, one_thread):
     result = run(tiny_argv(lms_data, tmp_path / 'run', '--epochs', '1', '--resume', str(weights)))
     assert 'holds weights only; the optimizer starts afresh at epoch 0' in capsys.readouterr().out
     assert load_checkpoint(result.output_dir / 'checkpoint-1.pth')['epoch'] == 1
+
+
+# ----- bad inputs and faults: one-line errors, nothing lost, nothing left behind --------------------
+
+def test_norm_stats_syntax_and_checks(capsys):
+    for argv in (['--norm_stats', '[-7.1, 4.2]'], ['--norm_stats=-7.1,4.2'], ['--norm_stats', '-7.1', '4.2']):
+        assert get_args_parser().parse_args(argv).norm_stats == [-7.1, 4.2]
+    for bad in ('[nan, 4.2]', '[-7.1, inf]', '[-7.1, 0]', '[1, 2, 3]', 'x'):
+        with pytest.raises(SystemExit) as done:
+            get_args_parser().parse_args([f'--norm_stats={bad}'])
+        assert done.value.code == 2
+        assert 'two finite numbers "[mean, std]" with std > 0' in capsys.readouterr().err
+
+
+def test_nan_file_fails_before_training_and_leaves_no_run_folder(lms_data, tmp_path, capsys):
+    x = np.load(lms_data / 'lms' / 'clip005.npy')
+    x[0, 0, 0] = np.nan
+    np.save(lms_data / 'lms' / 'clip005.npy', x)
+    out = tmp_path / 'runs' / 'run'
+    assert cli(argv=tiny_argv(lms_data, out)) == 2
+    err = capsys.readouterr().err
+    assert 'clip005.npy: holds 1 NaN/inf values' in err and '--skip_missing' in err and 'Traceback' not in err
+    assert not (tmp_path / 'runs').exists()  # the failed checks created nothing
+
+    (lms_data / 'empty.csv').write_text('')
+    argv = tiny_argv(lms_data, out)
+    argv[argv.index('--dataset') + 1] = str(lms_data / 'empty.csv')
+    assert cli(argv=argv) == 2
+    assert f'{lms_data / "empty.csv"} is empty' in capsys.readouterr().err
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_resume_of_a_missing_or_corrupt_checkpoint(lms_data, tmp_path, capsys):
+    good = make_checkpoint(tmp_path, input_size=(80, 96))
+    truncated, garbage = tmp_path / 'truncated.pth', tmp_path / 'garbage.pth'
+    truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    garbage.write_bytes(b'this is not a checkpoint')
+    for path in (truncated, garbage, tmp_path / 'missing.pth'):
+        assert cli(argv=tiny_argv(lms_data, tmp_path / 'run', '--resume', str(path))) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('error: --resume: ') and str(path) in err and len(err.splitlines()) == 1
+    assert not (tmp_path / 'run').exists()
+
+
+def test_unwritable_output_folder(lms_data, tmp_path, monkeypatch, capsys):
+    (tmp_path / 'a_file').write_text('x')
+    assert cli(argv=tiny_argv(lms_data, tmp_path / 'a_file' / 'run')) == 2
+    assert f'cannot write {tmp_path / "a_file" / "run"}: {tmp_path / "a_file"} is a file, not a folder' in \
+        capsys.readouterr().err
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    if os.geteuid() != 0:
+        locked.chmod(0o555)
+    else:  # root writes through permission bits: make the write itself fail as a read-only folder would
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, 'Permission denied')
+        monkeypatch.setattr(tempfile, 'TemporaryFile', refuse)
+    try:
+        assert cli(argv=tiny_argv(lms_data, locked / 'run')) == 2
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err
+    assert f'cannot write {locked / "run"}: not writable (permission denied)' in err and 'Traceback' not in err
+
+
+def test_disk_full_during_training_keeps_the_last_checkpoint(lms_data, tmp_path, monkeypatch, capsys, one_thread):
+    real_save, saves = torch.save, []
+
+    def fill_up_on_second_save(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            f.write(b'partial')
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, 'save', fill_up_on_second_save)
+    out = tmp_path / 'run'
+    assert cli(argv=tiny_argv(lms_data, out)) == 2
+    err = capsys.readouterr().err
+    assert err == f'error: cannot write {out / "checkpoint-2.pth"}: no space left on device\n'
+    assert load_checkpoint(out / 'checkpoint-1.pth')['epoch'] == 1 and not (out / 'checkpoint-2.pth').exists()
+    assert not list(out.glob('.*.tmp'))
+    assert 'ERROR: cannot write' in (out / 'console.txt').read_text()
+
+
+def test_resume_after_a_hard_kill_cleans_up_and_rewrites_the_log(lms_data, tmp_path, one_thread):
+    out = run(tiny_argv(lms_data, tmp_path / 'run', '--stop_at', '1')).output_dir
+    # A save killed mid-write (SIGKILL: no cleanup runs) leaves its checkpoint-sized temporary file ...
+    kill = ('import os, signal, sys; from util.atomic import open_atomic\n'
+            'with open_atomic(sys.argv[1]) as f:\n'
+            '    f.write(b"x" * 1000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)')
+    subprocess.run([sys.executable, '-c', kill, str(out / 'checkpoint-2.pth')], cwd=REPO, timeout=60)
+    (leftover,) = out.glob('.checkpoint-2.pth.*.tmp')
+    # ... after log.txt got epoch 2 (and a line cut short).
+    with open(out / 'log.txt', 'a') as f:
+        f.write(json.dumps({'epoch': 2, 'train_loss': 1.0}) + '\n{"epoch": 3, "tra')
+    run(tiny_argv(lms_data, '', '--resume', str(out / 'checkpoint-1.pth')))
+    assert not leftover.exists() and not list(out.glob('.*.tmp'))
+    logs = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert [e['epoch'] for e in logs] == [1, 2] and logs[1]['train_loss'] != 1.0
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from(lms_data, tmp_path):
+    out = tmp_path / 'run'
+    argv = tiny_argv(lms_data, out, '--epochs', '1000', '--print_freq', '100')
+    proc = subprocess.Popen([sys.executable, str(REPO / 'train_audio.py'), *argv], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'})
+    for line in proc.stdout:  # wait until a checkpoint exists, then press Ctrl-C (SIGINT to the process group)
+        if line.startswith('Saved'):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert len(err.splitlines()) == 1 and err.startswith('interrupted; in epoch ') and 'Traceback' not in err
+    last = re.search(r'--resume (\S+) to continue', err).group(1)
+    assert Path(last).parent == out and load_checkpoint(last)['epoch'] >= 1
+    assert 'Interrupted: in epoch' in (out / 'console.txt').read_text()

@@ -1,7 +1,11 @@
 """wav_to_lms: bit-exact librosa loading, folder conversion, skipping, failure reports, CLI rules, file list."""
+import errno
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ import torch
 from m2d.audio_io import AudioReadError, load_audio, mix_to_mono
 from m2d.lms import EPS, LogMelSpectrogram
 from m2d.runtime_audio import RuntimeM2D
+from m2d.cli import UsageError
 from m2d.wav_to_lms import convert_folder, main, write_file_list
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,23 +169,23 @@ def test_write_file_list(converted, tmp_path):
 
 def test_main_exit_status_and_csv(corpus, tmp_path, capsys):
     data = tmp_path / 'data'
-    main(str(corpus), str(data / 'lms_c'), workers=1, csv=str(data / 'files_c.csv'), data_path=str(data))
+    assert main(str(corpus), str(data / 'lms_c'), workers=1, csv=str(data / 'files_c.csv'), data_path=str(data)) == 0
     err = capsys.readouterr().err
     assert f'converted {len(GOOD)} files' in err and all(f'FAILED {corpus / name}' in err for name in BAD)
     assert pd.read_csv(data / 'files_c.csv').file_name.tolist() == ['lms_c/' + rel for rel in _expected_npy()]
-    main(str(corpus), str(data / 'lms_c'), workers=1)  # all skipped, bad ones fail again: still fine
+    assert main(str(corpus), str(data / 'lms_c'), workers=1) == 0  # all skipped, bad ones fail again: still fine
 
-    with pytest.raises(SystemExit, match='no .mp3 files found'):
-        main(str(corpus), str(tmp_path / 'none'), suffix='.mp3', workers=1)
+    assert main(str(corpus), str(tmp_path / 'none'), suffix='.mp3', workers=1) == 1
+    assert 'error: no .mp3 files found' in capsys.readouterr().err
     only_bad = tmp_path / 'only_bad'
     only_bad.mkdir()
     (only_bad / 'bad.wav').write_bytes(b'not audio')
-    with pytest.raises(SystemExit, match='all 1 .wav files failed'):
-        main(str(only_bad), str(tmp_path / 'out'), workers=1)
-    with pytest.raises(SystemExit, match='not inside the data folder'):
+    assert main(str(only_bad), str(tmp_path / 'out'), workers=1) == 1
+    assert 'error: all 1 .wav files failed' in capsys.readouterr().err
+    with pytest.raises(UsageError, match='not inside the data folder'):
         main(str(corpus), str(tmp_path / 'elsewhere'), workers=1, csv=str(data / 'x.csv'), data_path=str(data))
     assert not (tmp_path / 'elsewhere').exists()  # refused before converting anything
-    with pytest.raises(SystemExit, match='source folder not found'):
+    with pytest.raises(UsageError, match='source folder not found'):
         main(str(tmp_path / 'missing'), str(tmp_path / 'out'))
 
 
@@ -194,3 +199,92 @@ def test_cli(corpus, tmp_path):
     assert 'lms_x/a/b/y.npy (1, 80, 131)' in done.stderr and 'FAILED' in done.stderr
     assert pd.read_csv(tmp_path / 'data' / 'files_x.csv').file_name.tolist() == [
         'lms_x/' + rel for rel in _expected_npy()]
+
+
+def test_truncated_wav_is_reported(tmp_path):
+    _write(tmp_path / 'src' / 'whole.wav', 16000, 1.0, 2)
+    data = (tmp_path / 'src' / 'whole.wav').read_bytes()
+    (tmp_path / 'src' / 'cut.wav').write_bytes(data[:len(data) // 2])  # the header still says 16000 frames
+    with pytest.raises(AudioReadError, match='cut.wav: truncated: header says 16000 samples, file holds 79'):
+        load_audio(tmp_path / 'src' / 'cut.wav')
+    report = convert_folder(tmp_path / 'src', tmp_path / 'lms', workers=1, progress=False)
+    assert [p.name for p in report.converted] == ['whole.npy']
+    assert [(p.name, 'truncated: header says 16000' in m) for p, m in report.failed] == [('cut.wav', True)]
+
+
+def test_file_list_converts_only_the_listed_files(corpus, tmp_path, capsys):
+    files = tmp_path / 'files.csv'
+    files.write_text('file_name,label\na/x.wav,1\nother.flac,2\nmissing.wav,3\n')  # any ending, EVAR-style columns
+    assert main(str(corpus), str(tmp_path / 'lms'), workers=1, files=str(files)) == 0
+    assert _npy_files(tmp_path / 'lms') == ['a/x.npy', 'other.npy']
+    assert f'FAILED {corpus / "missing.wav"}: missing' in capsys.readouterr().err
+    (tmp_path / 'list.txt').write_text('z.wav\n')
+    assert main(str(corpus), str(tmp_path / 'lms2'), workers=1, files=str(tmp_path / 'list.txt')) == 0
+    assert _npy_files(tmp_path / 'lms2') == ['z.npy']
+
+    files.write_text('file_name\na/x.wav\n../escape.wav\n/abs/y.wav\n')
+    with pytest.raises(UsageError, match=r'2 file names point outside SRC .*line 3: \.\./escape\.wav, line 4: /abs/'):
+        main(str(corpus), str(tmp_path / 'lms3'), workers=1, files=str(files))
+    files.write_text('')
+    with pytest.raises(UsageError, match=f'file list {files} is empty'):
+        main(str(corpus), str(tmp_path / 'lms3'), workers=1, files=str(files))
+    assert not (tmp_path / 'lms3').exists()
+
+
+def test_unwritable_outputs_are_refused_before_converting(corpus, tmp_path, monkeypatch):
+    (tmp_path / 'a_file').write_text('x')
+    data = tmp_path / 'data'
+    with pytest.raises(UsageError, match=f'cannot write {tmp_path}/a_file/files.csv: {tmp_path}/a_file is a file'):
+        main(str(corpus), str(data / 'lms'), workers=1, csv=str(tmp_path / 'a_file' / 'files.csv'), data_path=str(data))
+    with pytest.raises(UsageError, match=f'cannot write {tmp_path}/a_file/lms: {tmp_path}/a_file is a file'):
+        main(str(corpus), str(tmp_path / 'a_file' / 'lms'), workers=1)
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    if os.geteuid() != 0:
+        locked.chmod(0o555)
+    else:  # root writes through permission bits: make the write itself fail as a read-only folder would
+        real = tempfile.TemporaryFile
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir == locked:
+                raise OSError(errno.EROFS, 'Read-only file system')
+            return real(*args, dir=dir, **kwargs)
+        monkeypatch.setattr(tempfile, 'TemporaryFile', refuse)
+    try:
+        with pytest.raises(UsageError, match=f'cannot write {locked}/files.csv: not writable'):
+            main(str(corpus), str(data / 'lms'), workers=1, csv=str(locked / 'files.csv'), data_path=str(data))
+    finally:
+        locked.chmod(0o755)
+    assert not data.exists()  # nothing converted
+
+
+def test_ctrl_c_stops_the_workers_with_one_line(corpus, tmp_path):
+    """A listed FIFO blocks its worker forever: Ctrl-C after the other files is a controlled point."""
+    src = tmp_path / 'src'
+    for name in ('a.wav', 'b.wav'):
+        _write(src / name, 16000, 0.5, 1)
+    os.mkfifo(src / 'z_blocks.wav')
+    (tmp_path / 'list.txt').write_text('a.wav\nb.wav\nz_blocks.wav\n')
+    cmd = [sys.executable, str(ROOT / 'wav_to_lms.py'), str(src), str(tmp_path / 'lms'), '--workers', '2',
+           '--files', str(tmp_path / 'list.txt')]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(_npy_files(tmp_path / 'lms')) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == 'interrupted; 2 of 3 files converted, rerun the same command to continue'
+    assert 'Traceback' not in err and _npy_files(tmp_path / 'lms') == ['a.npy', 'b.npy']
+
+
+def test_temp_files_of_killed_runs_are_removed(corpus, tmp_path):
+    dst = tmp_path / 'lms'
+    (dst / 'a').mkdir(parents=True)
+    stale = dst / 'a' / '.x.npy.4999999.k3j2h1g0.tmp'  # above any pid_max: its writer is gone
+    live = dst / 'a' / f'.y.npy.{os.getpid()}.abcdefgh.tmp'  # a writer that is still running
+    other = dst / '.notes.tmp'  # not one of ours
+    for path in (stale, live, other):
+        path.write_bytes(b'partial')
+    convert_folder(corpus, dst, workers=1, progress=False)
+    assert not stale.exists() and live.exists() and other.exists()

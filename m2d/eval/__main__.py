@@ -1,4 +1,4 @@
-"""python -m m2d.eval {lineareval,finetune,summary,suite,make_demo} ...
+"""python -m m2d.eval {lineareval,finetune,summary,suite,make_demo} ...   (also: m2d eval ...)
 
     python -m m2d.eval lineareval CHECKPOINT demo             # the built-in demo task
     python -m m2d.eval lineareval CHECKPOINT cremad           # EVAR data below $M2D_EVAL_DATA
@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from m2d.audio_io import AudioReadError
+from m2d.cli import HelpFormatter, UsageError, run_tool
 
 from .finetune import FinetuneConfig, finetune
 from .linear_probe import ProbeConfig
@@ -39,19 +40,22 @@ def add_common(p: argparse.ArgumentParser, suite: bool = False) -> None:
     p.add_argument('--data_root', help='EVAR data root holding evar/metadata/ and work/16k/ (default $M2D_EVAL_DATA)')
     p.add_argument('--results', default=str(DEFAULT_RESULTS), help='results CSV to append to')
     p.add_argument('--batch_size', type=int, help='clips per batch')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='seed of the probe or fine-tuning (and the fold split)')
     p.add_argument('--num_workers', type=int, default=0, help='audio-loading worker processes')
     p.add_argument('--device', help='cuda or cpu (default: cuda when available)')
     p.add_argument('--model', default='', help='model name when the folder name does not tell it (e.g. m2d_vit_base)')
     p.add_argument('--input_size', help='FxT, e.g. 80x608, when the folder name does not tell it')
     p.add_argument('--patch_size', help='pfxpt, e.g. 16x16')
     p.add_argument('--cls_token', action='store_true', help='prepend the [CLS] output to every frame feature')
+    p.add_argument('--trust_checkpoint', action='store_true',
+                   help='unpickle anything in the weight file (it could run code): only for files you trust')
 
 
 def runtime_settings(args) -> dict:
     out = dict(model=args.model, input_size=args.input_size, patch_size=args.patch_size)
-    if args.cls_token:
-        out['cls_token'] = True
+    for flag in ('cls_token', 'trust_checkpoint'):
+        if getattr(args, flag):
+            out[flag] = True
     return out
 
 
@@ -59,8 +63,10 @@ def add_probe(p: argparse.ArgumentParser) -> None:
     d = ProbeConfig()
     p.add_argument('--output_layers', type=int, nargs='+', default=[-1],
                    help='blocks whose features are concatenated (-1: final output); e.g. --output_layers -1 -2')
-    p.add_argument('--dataset_norm', action=argparse.BooleanOptionalAction, default=True,
-                   help='normalise LMS with training-set stats as EVAR does (--no-dataset_norm: per batch)')
+    p.add_argument('--dataset_norm', action='store_true', default=True,
+                   help='normalise LMS with training-set stats as EVAR does (the default)')
+    p.add_argument('--no_dataset_norm', '--no-dataset_norm', action='store_false', dest='dataset_norm',
+                   help='normalise each batch with its own stats instead, like RuntimeM2D.encode')
     p.add_argument('--lr', type=float, default=d.lr, help='linear probe learning rate (Adam)')
     p.add_argument('--epochs', type=int, default=d.epochs, help='linear probe epochs at most')
     p.add_argument('--patience', type=int, default=d.patience, help='early stopping patience (epochs on valid)')
@@ -75,22 +81,23 @@ def probe_kwargs(args) -> dict:
                 **runtime_settings(args))
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m m2d.eval', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest='command', required=True)
 
-    p = sub.add_parser('lineareval', help='linear evaluation of a checkpoint on one task')
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+    p = command('lineareval', 'linear evaluation of a checkpoint on one task')
     add_common(p)
     add_probe(p)
 
-    p = sub.add_parser('finetune', help='fine-tune a checkpoint on one task')
+    p = command('finetune', 'fine-tune a checkpoint on one task')
     add_common(p)
     d = FinetuneConfig()
-    p.add_argument('--lr', type=float, default=d.lr)
-    p.add_argument('--optim', choices=['sgd', 'adamw'], default=d.optim)
-    p.add_argument('--epochs', type=int, default=d.epochs)
-    p.add_argument('--warmup_epochs', type=int, default=d.warmup_epochs)
+    p.add_argument('--lr', type=float, default=d.lr, help='peak learning rate')
+    p.add_argument('--optim', choices=['sgd', 'adamw'], default=d.optim, help='SGD with momentum, or AdamW')
+    p.add_argument('--epochs', type=int, default=d.epochs, help='training epochs')
+    p.add_argument('--warmup_epochs', type=int, default=d.warmup_epochs, help='linear warm-up, then cosine decay')
     p.add_argument('--early_stop', type=int, default=d.early_stop, help='patience in epochs; -1: never stop early')
     p.add_argument('--mixup', type=float, default=d.mixup, help='mixup alpha (0: off)')
     p.add_argument('--freq_mask', type=int, default=d.freq_mask, help='frequency mask width at most (bins)')
@@ -100,22 +107,24 @@ def main(argv=None) -> None:
                    help='ratio of tokens masked (whole rows/columns) while training')
     p.add_argument('--fold', type=int, default=1, help='held-out fold of a fold task')
 
-    p = sub.add_parser('suite', help='linear evaluation on a suite of tasks, then the summary')
+    p = command('suite', 'linear evaluation on a suite of tasks, then the summary')
     add_common(p, suite=True)
     add_probe(p)
     p.add_argument('--config', choices=list(SUITES), default='quick',
                    help=', '.join(f'{k}: {" ".join(v)}' for k, v in SUITES.items()))
     p.add_argument('--tasks', nargs='*', help='tasks to run instead of the config\'s')
 
-    p = sub.add_parser('summary', help='weights x tasks table of the results CSV (also saved as CSV and markdown)')
-    p.add_argument('results', nargs='?', default=str(DEFAULT_RESULTS))
-    p.add_argument('--mode', choices=['lineareval', 'finetune'], default='lineareval')
+    p = command('summary', 'weights x tasks table of the results CSV (also saved as CSV and markdown)')
+    p.add_argument('results', nargs='?', default=str(DEFAULT_RESULTS), help='results CSV (default: %(default)s)')
+    p.add_argument('--mode', choices=['lineareval', 'finetune'], default='lineareval', help='which rows to show')
 
-    p = sub.add_parser('make_demo', help='(re)generate the labelled demo task')
-    p.add_argument('--dst', default=str(DEMO_DIR))
-    p.add_argument('--seed', type=int, default=0)
+    p = command('make_demo', '(re)generate the labelled demo task')
+    p.add_argument('--dst', default=str(DEMO_DIR), help='folder to write it to')
+    p.add_argument('--seed', type=int, default=0, help='seed of the generated sounds')
 
-    args = parser.parse_args(argv)
+
+def run(args: argparse.Namespace) -> int:
+    """`m2d eval` / python -m m2d.eval: problems with the task, the data or the weights are one-line errors."""
     try:
         if args.command == 'lineareval':
             row = linear_evaluation(args.weight, args.task, data_root=args.data_root, audio_root=args.audio_root,
@@ -139,8 +148,13 @@ def main(argv=None) -> None:
             from m2d.synth import write_labelled_task
             print(write_labelled_task(args.dst, seed=args.seed))
     except (TaskError, FileNotFoundError, AudioReadError, ValueError, RuntimeError) as e:
-        sys.exit(f'python -m m2d.eval {args.command}: error: {e}')
+        raise UsageError(f'{args.command}: {e}') from None
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_tool(sys.modules[__name__], 'python -m m2d.eval', argv)
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -7,6 +7,7 @@ never served stale embeddings.
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -16,9 +17,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from m2d.audio_io import load_audio
+from m2d.cli import OutputError
 from m2d.lms import RunningMeanStd
 from m2d.runtime_audio import RuntimeM2D
-from util.checkpoint import save_npy_atomic
+from util.atomic import remove_stale_temp_files, save_npy_atomic
 
 from .tasks import TaskData
 
@@ -156,6 +158,7 @@ def task_embeddings(weight: Union[str, Path], task: TaskData, output_layers: Seq
 
     dataset_norm: normalise LMS with the mean/std of the training clips (EVAR's way; all clips for fold
     tasks), else each batch with its own stats (RuntimeM2D.encode's way, which depends on batch_size).
+    Weights that store fixed stats (later formats) are normalised with those either way.
     cache_dir: default $M2D_EVAL_CACHE or work/eval_cache; '' disables the cache.
     """
     runtime_settings = dict(runtime_settings or {})
@@ -173,11 +176,15 @@ def task_embeddings(weight: Union[str, Path], task: TaskData, output_layers: Seq
     runtime = make_runtime(weight, device=device, seed=seed, **runtime_settings)
     check_layers(runtime, output_layers)
     stats = None
-    if dataset_norm:
+    if dataset_norm and runtime.norm_stats is None:  # later-format weights bring their own fixed stats
         stat_files = task.files if task.split is None else [f for f, s in zip(task.files, task.split) if s == 'train']
         stats = norm_stats(runtime, clip_loader(stat_files, task.spec.seconds, batch_size, num_workers))
     emb = extract(runtime, clip_loader(task.files, task.spec.seconds, batch_size, num_workers), output_layers, stats,
                   desc=f'{task.spec.name} embeddings')
     if path is not None:
-        save_npy_atomic(emb, path)
+        remove_stale_temp_files(path.parent)  # what killed runs left there
+        try:
+            save_npy_atomic(emb, path)
+        except OSError as e:  # a full or read-only cache costs time on the next run, not this result
+            print(f'Note: embeddings not cached ({OutputError(path, e)})', file=sys.stderr)
     return emb, False

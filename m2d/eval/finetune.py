@@ -110,8 +110,8 @@ def finetune(weight: Union[str, Path], task: str, cfg: FinetuneConfig = Finetune
     index = data.indices(fold, seed=cfg.seed) if data.fold is not None else data.indices()
     runtime = make_runtime(weight, device=device, seed=cfg.seed, training_mask=cfg.training_mask, **runtime_settings)
     torch.manual_seed(cfg.seed)
-    stats = norm_stats(runtime, clip_loader([data.files[i] for i in index['train']], spec.seconds, cfg.batch_size,
-                                            num_workers))
+    stats = runtime.norm_stats or norm_stats(runtime, clip_loader([data.files[i] for i in index['train']],
+                                                                  spec.seconds, cfg.batch_size, num_workers))
     bf16 = runtime.device.type == 'cuda' and torch.cuda.is_bf16_supported()
     model = FinetuneModel(runtime, len(data.classes), stats, cfg, bf16).to(runtime.device)
     train = _loader(data, index['train'], cfg.batch_size, True, num_workers)

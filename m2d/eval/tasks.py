@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
+from m2d.data import check_relative, read_table
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DIR_ENV = 'M2D_EVAL_DEMO'
 DEMO_DIR = Path(os.environ.get(DEMO_DIR_ENV) or REPO / 'data' / 'demo_task')
@@ -121,16 +123,33 @@ def task_available(spec: TaskSpec) -> bool:
     return spec.metadata.is_file() and spec.audio_root.is_dir()
 
 
+def _rows(df: pd.DataFrame, rows: list[int]) -> str:
+    """'line 3 (a.wav), line 7 (b.wav), ...' for row indices of a metadata table (line 1: the header)."""
+    return ', '.join(f'line {i + 2} ({df.file_name[i]})' for i in rows[:5]) + (', ...' if len(rows) > 5 else '')
+
+
 def read_metadata(spec: TaskSpec) -> pd.DataFrame:
+    """The task's metadata table, checked: columns, rows, and file names that stay inside the audio folder."""
     if not spec.metadata.is_file():
         raise TaskError(f'task {spec.name!r}: metadata file not found: {spec.metadata}')
-    df = pd.read_csv(spec.metadata)
+    try:
+        df = read_table(spec.metadata, 'metadata file', dtype={'label': str})
+    except ValueError as e:
+        raise TaskError(f'task {spec.name!r}: {e}') from None
     missing = [c for c in ('file_name', 'label') if c not in df.columns]
     if missing or not ({'split', 'fold'} & set(df.columns)):
         raise TaskError(f'{spec.metadata}: needs columns file_name, label and split (train/valid/test) or fold; '
                         f'found {list(df.columns)}')
     if df.empty:
         raise TaskError(f'{spec.metadata} lists no files')
+    unnamed = np.flatnonzero(df.file_name.isna()).tolist()
+    if unnamed:
+        raise TaskError(f'task {spec.name!r}: {len(unnamed)} rows of {spec.metadata} have no file_name: '
+                        f'{_rows(df, unnamed)}')
+    try:
+        check_relative(df.file_name.astype(str).tolist(), list(range(2, len(df) + 2)), spec.metadata, '--audio_root')
+    except ValueError as e:
+        raise TaskError(f'task {spec.name!r}: {e}') from None
     return df
 
 
@@ -185,10 +204,11 @@ def load_task(spec: TaskSpec, check_audio: bool = True) -> TaskData:
     """Read and validate a task: columns, splits/folds with samples, at least two classes, no test label
     absent from training, and (check_audio) every listed file present."""
     df = read_metadata(spec)
-    labels = [[l.strip() for l in str(v).split(',') if l.strip()] for v in df.label]
-    unlabelled = [str(f) for f, ls in zip(df.file_name, labels) if not ls]
-    if unlabelled:
-        raise TaskError(f'task {spec.name!r}: {len(unlabelled)} rows have no label, e.g. {unlabelled[:5]}')
+    labels = [[] if pd.isna(v) else [l.strip() for l in v.split(',') if l.strip()] for v in df.label]
+    unlabelled = [i for i, ls in enumerate(labels) if not ls or any(l.lower() == 'nan' for l in ls)]
+    if unlabelled:  # never a class called 'nan'
+        raise TaskError(f'task {spec.name!r}: {len(unlabelled)} rows of {spec.metadata} have an empty or NaN label: '
+                        f'{_rows(df, unlabelled)}; give every row a label, or remove the row')
     multi_label = any(len(ls) > 1 for ls in labels)
     classes = sorted({l for ls in labels for l in ls})
     if len(classes) < 2:

@@ -2,6 +2,7 @@
 
 EVAR calls `ar.precompute(device, train_loader)` once, then `ar(batch_audio)` -> [B, D] embeddings;
 fine-tuning sets a feature augmentation with `set_augment_tf_feature_fn`, applied only in training.
+CLAP representations (EVAR HEAD's BaseCLAP) also map texts into the audio embedding space.
 """
 import torch
 import torch.nn as nn
@@ -42,6 +43,22 @@ class BaseAudioRepr(nn.Module):
         if self.aug_fn is None or not self.training:
             return tf_feature
         return self.aug_fn(tf_feature)
+
+
+class BaseCLAP(BaseAudioRepr):
+    """An audio representation with a text side: encode_audio / encode_text into one embedding space."""
+
+    def encode_audio(self, batch_audio):
+        raise NotImplementedError
+
+    def encode_text(self, batch_text):
+        raise NotImplementedError
+
+    def compute_similarity(self, text_embs, audio_embs):
+        """Cosine similarities [texts, audios]."""
+        text_embs = text_embs / text_embs.norm(dim=-1, keepdim=True)
+        audio_embs = audio_embs / audio_embs.norm(dim=-1, keepdim=True)
+        return text_embs @ audio_embs.T
 
 
 def calculate_norm_stats(device, data_loader, converter, max_samples=5000):
