@@ -69,7 +69,7 @@ class Config:
     freeze_embed = False   # no gradients for the patch embedding (fine-tuning)
     text_encoder = ''      # M2D-CLAP: local folder of the Hugging Face text encoder (never downloaded)
     trust_checkpoint = False  # unpickle anything in the weight file: only for files you trust
-    max_chunks_per_pass = 256  # input chunks encoded in one forward pass (bounds memory; all in one with a training mask)
+    max_chunks_per_pass = 0  # input chunks per forward pass; 0: 8 on a CPU (cache-sized), 256 on a GPU (bounds memory)
     timestamp_hop_ms = 0.0  # get_timestamp_embeddings hop; 0 = the patch width (16 frames: 160 ms)
     autocast_bf16 = False  # fast path: encode under bfloat16 autocast
     compile = False        # fast path: torch.compile the encoder
@@ -390,8 +390,10 @@ class RuntimeM2D(nn.Module):
         [M, 1+K', D] in batched passes (K' = grid_f * frames in eval mode, else all K tokens)."""
         mask_ratio = self.cfg.training_mask if self.training else 0.0
         # A structured training mask draws its row count once per pass, so every chunk must share
-        # one pass for all of them to keep the same number of tokens.
-        step = len(chunks) if mask_ratio > 0 else max(1, int(self.cfg.max_chunks_per_pass))
+        # one pass for all of them to keep the same number of tokens. On a CPU, passes much larger
+        # than 8 chunks (1528 tokens) ran slower: their activations outgrow the caches.
+        per_pass = int(self.cfg.max_chunks_per_pass) or (8 if self.device.type == 'cpu' else 256)
+        step = len(chunks) if mask_ratio > 0 else max(1, per_pass)
         grid_t = chunks.shape[-1] // self.cfg.patch_size[1]
         keep = None
         if frames < grid_t and not self.training:  # [CLS] and the tokens of the first `frames` frames in every row

@@ -104,3 +104,18 @@ def test_onednn_and_blas_linears_agree(rt, monkeypatch):
     for fast, plain in zip(out[True], out[False]):
         torch.testing.assert_close(fast, plain, atol=2e-5, rtol=1e-5)
     assert not all(torch.equal(a, b) for a, b in zip(out[True], out[False]))  # a different kernel did run
+
+
+@pytest.mark.parametrize('setting, passes', [(0, [8, 2, 2]), (3, [3, 3, 3, 1, 2])])
+def test_chunks_per_pass(tiny_ckpt, monkeypatch, setting, passes):
+    """Full chunks and tail chunks go in separate passes; by default 8 chunks per pass on a CPU."""
+    rt = RuntimeM2D(weight_file=str(tiny_ckpt), max_chunks_per_pass=setting)
+    sizes, encode = [], rt._encode_inference
+
+    def counting(model, chunks, *args):
+        sizes.append(len(chunks))
+        return encode(model, chunks, *args)
+    monkeypatch.setattr(rt, '_encode_inference', counting)
+    lms = lms_batch(2, 5 * W + 10)  # per clip 5 full chunks and a tail
+    torch.testing.assert_close(rt.encode_lms(lms), chunk_loop(rt, lms), atol=2e-5, rtol=1e-5)
+    assert sizes == passes
