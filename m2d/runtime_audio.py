@@ -397,8 +397,9 @@ class RuntimeM2D(nn.Module):
         grid_t = chunks.shape[-1] // self.cfg.patch_size[1]
         keep = None
         if frames < grid_t and not self.training:  # [CLS] and the tokens of the first `frames` frames in every row
-            rows = torch.arange(self.grid_f * grid_t).view(self.grid_f, grid_t)
-            keep = F.pad(rows[:, :frames].flatten() + 1, (1, 0)).to(self.device)
+            # Built on the device: copying it there would wait for the GPU to finish the passes before.
+            rows = torch.arange(self.grid_f * grid_t, device=self.device).view(self.grid_f, grid_t)
+            keep = F.pad(rows[:, :frames].flatten() + 1, (1, 0))
         # Enter autocast only when asked: autocast(enabled=False) would switch off a caller's own autocast.
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.autocast_bf16
                     else contextlib.nullcontext())
