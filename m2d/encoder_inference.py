@@ -8,8 +8,8 @@ less work:
   tail chunk: the padding must be encoded (it is attended to) but its outputs are dropped.
 - On AMD CPUs, in float32 without autocast, gradients or torch.compile, the linear layers run as
   oneDNN inner products, the first MLP layer with its GELU fused in. MKL, torch's x86 BLAS, takes
-  slower code paths off Intel CPUs: oneDNN was ~10% faster on an AMD EPYC, while on an Intel Xeon
-  MKL was as fast or up to 13% faster (GEMMs of the encoder's shapes, 2 threads).
+  slower code paths off Intel CPUs: on an AMD EPYC oneDNN took 5-14% less time for the encoder's
+  GEMMs, while on an Intel Xeon MKL was as fast or up to 13% faster (README, Performance).
 """
 from pathlib import Path
 from typing import Optional, Union
