@@ -34,7 +34,8 @@ def _amd_cpu() -> bool:
 USE_ONEDNN = _ONEDNN_LINEAR is not None and _amd_cpu()
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, onednn: bool, gelu: bool = False):
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, onednn: bool, gelu: bool = False
+            ) -> torch.Tensor:
     """x @ weight.T + bias, then GELU (exact, as nn.GELU) when asked."""
     if onednn:
         return _ONEDNN_LINEAR(x, weight, bias, 'gelu' if gelu else 'none', [], 'none' if gelu else '')

@@ -392,8 +392,8 @@ class RuntimeM2D(nn.Module):
         # A structured training mask draws its row count once per pass, so every chunk must share
         # one pass for all of them to keep the same number of tokens. On a CPU, passes much larger
         # than 8 chunks (1528 tokens) ran slower: their activations outgrow the caches.
-        per_pass = int(self.cfg.max_chunks_per_pass) or (8 if self.device.type == 'cpu' else 256)
-        step = len(chunks) if mask_ratio > 0 else max(1, per_pass)
+        chunks_per_pass = int(self.cfg.max_chunks_per_pass) or (8 if self.device.type == 'cpu' else 256)
+        step = len(chunks) if mask_ratio > 0 else max(1, chunks_per_pass)
         grid_t = chunks.shape[-1] // self.cfg.patch_size[1]
         keep = None
         if frames < grid_t and not self.training:  # [CLS] and the tokens of the first `frames` frames in every row
