@@ -1,7 +1,7 @@
 """Encoding throughput of RuntimeM2D against the published chunk loop, over clip lengths and batch sizes.
 
-    python bench/bench_encode.py --threads 2              # CPU: the README table (fp32, plus bf16/compile rows)
-    python bench/bench_encode.py --device cuda            # CUDA: the same table in fp32 and in bf16
+    python bench/bench_encode.py --threads 2              # CPU table (fp32, plus bf16/compile rows); ~30 min
+    python bench/bench_encode.py --device cuda            # CUDA: the same table in fp32 and in bf16; ~3 min
     python bench/bench_encode.py --quick                  # a short check that it all runs
 
 Random weights (no downloads), encoder only; nothing but torch, timm, einops and this repository.
