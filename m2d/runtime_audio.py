@@ -34,6 +34,7 @@ from .checkpoint import (DEFAULT_NORM_STATS, EXTRA_PARTS, FRONT_ENDS, PRETRAININ
                          split_state)
 from .checkpoint import parse_size  # noqa: F401  (the size parser, also used from here)
 from .clap import TextEncoder, projection_from_state
+from .encoder_inference import encode_inference
 from .lms import LogMelSpectrogram
 from .models_mae import M2DViT, MaskedAutoencoderViT, create_model
 
@@ -68,7 +69,7 @@ class Config:
     freeze_embed = False   # no gradients for the patch embedding (fine-tuning)
     text_encoder = ''      # M2D-CLAP: local folder of the Hugging Face text encoder (never downloaded)
     trust_checkpoint = False  # unpickle anything in the weight file: only for files you trust
-    max_chunks_per_pass = 256  # input chunks encoded in one forward pass (bounds memory; all in one with a training mask)
+    max_chunks_per_pass = 0  # input chunks per forward pass; 0: 8 on a CPU (cache-sized), 256 on a GPU (bounds memory)
     timestamp_hop_ms = 0.0  # get_timestamp_embeddings hop; 0 = the patch width (16 frames: 160 ms)
     autocast_bf16 = False  # fast path: encode under bfloat16 autocast
     compile = False        # fast path: torch.compile the encoder
@@ -258,6 +259,7 @@ class RuntimeM2D(nn.Module):
         self.sample_rate = cfg.sample_rate
         self._forward_encoder = (torch.compile(self.backbone.forward_encoder, dynamic=True) if cfg.compile
                                  else self.backbone.forward_encoder)
+        self._encode_inference = torch.compile(encode_inference, dynamic=True) if cfg.compile else encode_inference
         if given is not None:
             write_back(given, cfg)
         log.info('RuntimeM2D %s', cfg)
@@ -361,36 +363,65 @@ class RuntimeM2D(nn.Module):
     # ----- encoder --------------------------------------------------------------------------------
 
     def _encode_chunks(self, lms: torch.Tensor, return_layers: bool, width: Optional[int] = None) -> list[torch.Tensor]:
-        """Encode every chunk of W frames (`width`, default the model's) in batched passes -> per-layer
-        latents [B*n_chunks, 1+K, D]."""
+        """LMS [B, 1, F, T] -> per-layer features [B, ceil(T / pt), D'] (flat: [B, tokens, D]) from chunks of
+        W frames (`width`, default the model's) encoded in batched passes.
+
+        The last chunk is right-padded with zeros to W and its padded frames are dropped, so a pass of
+        such tail chunks computes only the real tokens' outputs in the last block (eval mode; flat
+        features keep every token).
+        """
         B, _, n_mels, T = lms.shape
-        W = width or self.cfg.input_size[1]
+        W, pt = width or self.cfg.input_size[1], self.cfg.patch_size[1]
         n_chunks = -(-T // W)  # a chunk made only of padding is never encoded
-        x = F.pad(lms, (0, n_chunks * W - T))
-        chunks = x.reshape(B, 1, n_mels, n_chunks, W).permute(0, 3, 1, 2, 4).reshape(B * n_chunks, 1, n_mels, W)
+        chunks = F.pad(lms, (0, n_chunks * W - T)).reshape(B, 1, n_mels, n_chunks, W).permute(0, 3, 1, 2, 4)
+        grid_t = W // pt  # a width that is no multiple of pt loses its last partial patch
+        tail_frames = min(-(-(T - (n_chunks - 1) * W) // pt), grid_t)
+        if tail_frames == grid_t or self.cfg.flat_features:
+            groups = [(chunks, grid_t)]
+        else:
+            groups = [(chunks[:, :-1], grid_t), (chunks[:, -1:], tail_frames)]
+        per_group = [[self._to_frames(latent, B, frames)
+                      for latent in self._encode_group(group.reshape(-1, 1, n_mels, W), frames, return_layers)]
+                     for group, frames in groups if group.shape[1]]
+        return [torch.cat(layer, dim=1) for layer in zip(*per_group)]
+
+    def _encode_group(self, chunks: torch.Tensor, frames: int, return_layers: bool) -> list[torch.Tensor]:
+        """Chunks [M, 1, F, W] of which the first `frames` frames are wanted -> per-layer latents
+        [M, 1+K', D] in batched passes (K' = grid_f * frames in eval mode, else all K tokens)."""
         mask_ratio = self.cfg.training_mask if self.training else 0.0
         # A structured training mask draws its row count once per pass, so every chunk must share
-        # one pass for all of them to keep the same number of tokens.
-        step = len(chunks) if mask_ratio > 0 else max(1, int(self.cfg.max_chunks_per_pass))
+        # one pass for all of them to keep the same number of tokens. On a CPU, passes much larger
+        # than 8 chunks (1528 tokens) ran slower: their activations outgrow the caches.
+        chunks_per_pass = int(self.cfg.max_chunks_per_pass) or (8 if self.device.type == 'cpu' else 256)
+        step = len(chunks) if mask_ratio > 0 else max(1, chunks_per_pass)
+        grid_t = chunks.shape[-1] // self.cfg.patch_size[1]
+        keep = None
+        if frames < grid_t and not self.training:  # [CLS] and the tokens of the first `frames` frames in every row
+            # Built on the device: copying it there would wait for the GPU to finish the passes before.
+            rows = torch.arange(self.grid_f * grid_t, device=self.device).view(self.grid_f, grid_t)
+            keep = F.pad(rows[:, :frames].flatten() + 1, (1, 0))
         # Enter autocast only when asked: autocast(enabled=False) would switch off a caller's own autocast.
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.autocast_bf16
                     else contextlib.nullcontext())
         per_pass = []
         with autocast:
             for i in range(0, len(chunks), step):
-                latent, *_ = self._forward_encoder(chunks[i:i + step], mask_ratio, return_layers)
+                if self.training:  # masking and gradients: the model's own forward
+                    latent, *_ = self._forward_encoder(chunks[i:i + step], mask_ratio, return_layers)
+                else:
+                    latent = self._encode_inference(self.backbone, chunks[i:i + step], keep, return_layers)
                 per_pass.append(latent if return_layers else [latent])
         return [torch.cat(layer, dim=0).float() for layer in zip(*per_pass)]
 
-    def _to_frames(self, latent: torch.Tensor, batch: int, n_frames: int) -> torch.Tensor:
-        """[B*n_chunks, 1+K, D] -> [B, frames, D'] (frame features; or flat token features)."""
+    def _to_frames(self, latent: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+        """[B*m, 1+K', D] latents of m chunks per clip -> [B, m*frames, D'] (frame features, the first
+        `frames` of each chunk; or flat token features [B, m*K', D])."""
         cls, tokens = latent[:, :1], latent[:, 1:]
         if not self.cfg.flat_features:
-            tokens = rearrange(tokens, 'b (f t) d -> b t (f d)', f=self.grid_f)
+            tokens = rearrange(tokens, 'b (f t) d -> b t (f d)', f=self.grid_f)[:, :frames]
         if self.cfg.cls_token:
             tokens = torch.cat([cls.expand(-1, tokens.shape[1], -1), tokens], dim=-1)
-        x = tokens.reshape(batch, -1, tokens.shape[-1])
-        return x if self.cfg.flat_features else x[:, :n_frames]
+        return tokens.reshape(batch, -1, tokens.shape[-1])
 
     def _split_last_chunk(self, lms: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
         """(LMS, chunk width) parts to encode: all of it in chunks of the model width ('pad'), or with
@@ -414,11 +445,9 @@ class RuntimeM2D(nn.Module):
         token features [B, tokens, D].
         """
         lms = self.check_lms(lms)
-        n_frames = -(-lms.shape[-1] // self.cfg.patch_size[1])
         with torch.inference_mode(not self.training):
             parts = [self._encode_chunks(x, return_layers, width) for x, width in self._split_last_chunk(lms)]
-            layers = [torch.cat([self._to_frames(latent, lms.shape[0], n_frames) for latent in per_part], dim=1)
-                      for per_part in zip(*parts)]
+            layers = [torch.cat(per_part, dim=1) for per_part in zip(*parts)]
         if not self.training:  # inference tensors -> ordinary ones, usable anywhere afterwards
             layers = [x.clone() for x in layers]
         return layers if return_layers else layers[0]

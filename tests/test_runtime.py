@@ -9,6 +9,7 @@ import torch
 from einops import rearrange
 
 from conftest import make_checkpoint
+from m2d import encoder_inference
 from m2d.runtime_audio import RuntimeM2D
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -88,22 +89,26 @@ def test_training_mask_encodes_all_chunks_in_one_pass(tiny_ckpt):
     assert rt.eval().encode_lms(lms).shape == (2, 5 * 65, D)  # no masking in eval mode
 
 
-def _qkv_dtypes(rt, fn):
-    seen = []
-    handle = rt.backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    try:
-        out = fn()
-    finally:
-        handle.remove()
-    return out, set(seen)
+def _linear_dtypes(monkeypatch, fn):
+    """fn()'s result and the dtypes the encoder's linear layers computed in."""
+    seen = set()
+
+    def recording(*args, **kwargs):
+        out = linear(*args, **kwargs)
+        seen.add(out.dtype)
+        return out
+    linear = encoder_inference._linear
+    with monkeypatch.context() as m:
+        m.setattr(encoder_inference, '_linear', recording)
+        return fn(), seen
 
 
-def test_outer_autocast_takes_effect(rt, tiny_ckpt):
+def test_outer_autocast_takes_effect(rt, tiny_ckpt, monkeypatch):
     lms = lms_batch(1, 300)
-    fp32, dtypes = _qkv_dtypes(rt, lambda: rt.encode_lms(lms))
+    fp32, dtypes = _linear_dtypes(monkeypatch, lambda: rt.encode_lms(lms))
     assert dtypes == {torch.float32}
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        outer, dtypes = _qkv_dtypes(rt, lambda: rt.encode_lms(lms))
+        outer, dtypes = _linear_dtypes(monkeypatch, lambda: rt.encode_lms(lms))
     assert dtypes == {torch.bfloat16} and outer.dtype == torch.float32
     assert 0 < (outer - fp32).abs().max() < 0.1
     audio = torch.rand(2, 16000) - 0.5
@@ -111,7 +116,7 @@ def test_outer_autocast_takes_effect(rt, tiny_ckpt):
         lms_autocast = rt.to_feature(audio)
     assert lms_autocast.dtype == torch.float32 and torch.equal(lms_autocast, rt.to_feature(audio))
     own = RuntimeM2D(weight_file=str(tiny_ckpt), autocast_bf16=True)
-    inner, dtypes = _qkv_dtypes(own, lambda: own.encode_lms(lms))
+    inner, dtypes = _linear_dtypes(monkeypatch, lambda: own.encode_lms(lms))
     assert dtypes == {torch.bfloat16} and 0 < (inner - fp32).abs().max() < 0.1
 
 
