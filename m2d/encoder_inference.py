@@ -31,7 +31,20 @@ def _amd_cpu() -> bool:
         return False
 
 
-USE_ONEDNN = _ONEDNN_LINEAR is not None and _amd_cpu()
+def _onednn_works() -> bool:
+    """Whether the private op exists and computes GELU(x W^T + b) here: a torch release that changed its
+    signature or results falls back to F.linear instead of failing or drifting."""
+    if _ONEDNN_LINEAR is None:
+        return False
+    x, w, b = torch.randn(4, 8), torch.randn(16, 8), torch.randn(16)
+    try:
+        with torch.no_grad():
+            return torch.allclose(_ONEDNN_LINEAR(x, w, b, 'gelu', [], 'none'), F.gelu(F.linear(x, w, b)), atol=1e-5)
+    except RuntimeError:
+        return False
+
+
+USE_ONEDNN = _amd_cpu() and _onednn_works()
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, onednn: bool, gelu: bool = False
