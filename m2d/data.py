@@ -157,24 +157,61 @@ class SpectrogramDataset(Dataset):
 
     Files are memory-mapped, so only the cropped frames are read. The crop start is drawn from
     torch's RNG (seeded per DataLoader worker), which keeps runs reproducible under a fixed seed.
+
+    With `noise` (a BackgroundNoise), each crop is mixed with a random background crop first (the
+    later M2D's background-noise mixing, a regulariser for small data; see BackgroundNoise.mix).
     """
 
     def __init__(self, files: Sequence[str], data_path: PathLike, crop_frames: int,
-                 norm_stats: tuple[float, float]):
+                 norm_stats: tuple[float, float], noise: Optional['BackgroundNoise'] = None):
         self.files = list(files)
         self.data_path = Path(data_path)
         self.crop_frames = crop_frames
         self.mean, self.std = (float(v) for v in norm_stats)
+        self.noise = noise
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        lms = np.load(self.data_path / self.files[index], mmap_mode='r')
-        excess = lms.shape[-1] - self.crop_frames
-        start = int(torch.randint(excess, ())) if excess > 0 else 0
-        x = torch.from_numpy(crop_or_pad(lms, start, self.crop_frames))
+        x = torch.from_numpy(random_crop(self.data_path / self.files[index], self.crop_frames))
+        if self.noise is not None:
+            return self.noise.mix(x, self.mean) / self.std
         return (x - self.mean) / self.std
+
+
+def random_crop(path: PathLike, crop_frames: int, tile: bool = False) -> np.ndarray:
+    """A random crop (1, F, crop_frames) of an LMS file (start drawn from torch's RNG). Shorter files
+    are right-padded with zeros, or with tile=True repeated until they fill the crop."""
+    lms = np.load(path, mmap_mode='r')
+    if tile and lms.shape[-1] < crop_frames:
+        lms = np.tile(lms, (1, 1, -(-crop_frames // lms.shape[-1])))
+    excess = lms.shape[-1] - crop_frames
+    start = int(torch.randint(excess, ())) if excess > 0 else 0
+    return crop_or_pad(lms, start, crop_frames)
+
+
+class BackgroundNoise:
+    """Background crops mixed into training crops at a fixed power ratio (the later M2D's noise mixing).
+
+    mix(x, mean) = log(ratio * exp(noise - noise_mean) + (1 - ratio) * exp(x - mean)): both are first
+    brought to the same average level (log-mean subtraction), then added as mel power, so the ratio
+    is the share of the background in the mixture. Background files shorter than a crop are repeated.
+    """
+
+    def __init__(self, files: Sequence[str], data_path: PathLike, crop_frames: int, ratio: float,
+                 noise_mean: float):
+        if not 0 < ratio < 1:
+            raise ValueError(f'noise ratio must be between 0 and 1 (exclusive), got {ratio}')
+        self.files, self.data_path, self.crop_frames = list(files), Path(data_path), crop_frames
+        self.ratio, self.noise_mean = float(ratio), float(noise_mean)
+
+    def mix(self, x: torch.Tensor, mean: float) -> torch.Tensor:
+        """Unnormalised LMS crop [1, F, T] -> the mixture, log-mean-subtracted (divide by std to normalise)."""
+        pick = int(torch.randint(len(self.files), ()))
+        noise = torch.from_numpy(random_crop(self.data_path / self.files[pick], self.crop_frames, tile=True))
+        power = self.ratio * (noise - self.noise_mean).exp() + (1 - self.ratio) * (x - mean).exp()
+        return power.clamp_min(EPS).log()
 
 
 def load_vis_samples(folder: PathLike, crop_frames: int, norm_stats: tuple[float, float],

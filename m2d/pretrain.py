@@ -37,8 +37,8 @@ from .checkpoint import (CheckpointError, extract_state_dict, load_checkpoint, l
                          run_name, save_checkpoint, saved_args, split_state)
 from .cli import (LOAD_ERRORS, HelpFormatter, Interrupted, OutputError, UsageError, add_norm_stats_argument,
                   check_writable, guarded, parse_numbers, writing)
-from .data import (NORM_STATS_CROPS, SpectrogramDataset, check_files, compute_norm_stats, load_vis_samples,
-                   read_file_list)
+from .data import (NORM_STATS_CROPS, BackgroundNoise, SpectrogramDataset, check_files, compute_norm_stats,
+                   load_vis_samples, read_file_list)
 from .engine_pretrain import NonFiniteLossError, Precision, Schedule, train_one_epoch
 from .models_mae import MODELS, MaskedAutoencoderViT, create_model
 from .visualize import save_mask_figure
@@ -108,6 +108,11 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     add_norm_stats_argument(p, help='mean and std of the LMS (default: measured on 10,000 random crops at start)')
     p.add_argument('--skip_missing', action='store_true',
                    help='drop missing, corrupt or NaN/inf-holding files instead of failing')
+    p.add_argument('--noise_ratio', default=0.0, type=float,
+                   help='mix each crop with a random background crop at this power share (0 = off; the later '
+                        "M2D's background-noise mixing, a regulariser for small data)")
+    p.add_argument('--csv_bg_noise', default='', type=str,
+                   help='file list of the background crops, relative to --data_path (default: the --dataset files)')
     p.add_argument('--num_workers', default=10, type=int, help='DataLoader worker processes per training process')
     p.add_argument('--pin_mem', action='store_true', help='pin CPU memory in the DataLoader (on by default)')
     p.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
@@ -477,13 +482,25 @@ def truncate_log(path: Path, epochs_done: int) -> None:
             f.writelines(kept)
 
 
+def background_noise(args: argparse.Namespace, files: list[str]) -> Optional[BackgroundNoise]:
+    """The --noise_ratio mixer: background crops from --csv_bg_noise, else from the training files."""
+    if args.noise_ratio <= 0:
+        return None
+    if not args.csv_bg_noise:
+        return BackgroundNoise(files, args.data_path, args.input_size[1], args.noise_ratio, args.norm_stats[0])
+    bg_files = check_files(read_file_list(args.csv_bg_noise), args.data_path, args.input_size[0], args.skip_missing)
+    bg_mean = compute_norm_stats(bg_files, args.data_path, args.input_size[1], seed=args.seed)[0]
+    return BackgroundNoise(bg_files, args.data_path, args.input_size[1], args.noise_ratio, bg_mean)
+
+
 def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> RunResult:
     # The same initial weights on every rank (DDP broadcasts them anyway); then per-rank streams.
     seed_everything(args.seed)
     raw_model = build_model(args).to(device)
     seed_everything(args.seed + info.rank)
 
-    dataset = SpectrogramDataset(files, args.data_path, args.input_size[1], args.norm_stats)
+    dataset = SpectrogramDataset(files, args.data_path, args.input_size[1], args.norm_stats,
+                                 background_noise(args, files))
     # A seeded per-epoch shuffle (set_epoch) for one process too: the order depends only on seed and epoch.
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)

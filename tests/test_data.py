@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from m2d.data import (SpectrogramDataset, check_files, compute_norm_stats, crop_or_pad, load_vis_samples,
-                      read_file_list)
+from m2d.data import (BackgroundNoise, SpectrogramDataset, check_files, compute_norm_stats, crop_or_pad,
+                      load_vis_samples, read_file_list)
 
 
 def write_npy(path, T, value=None, seed=0):
@@ -147,3 +147,34 @@ def test_paths_leaving_the_data_folder_are_rejected(tmp_path):
     (data / 'linked').symlink_to(outside)
     (data / 'files.csv').write_text('file_name\nlinked/x.npy\n')
     assert check_files(read_file_list(data / 'files.csv'), data, 80) == ['linked/x.npy']
+
+
+def test_background_noise_mix_is_a_power_share(tmp_path):
+    """Mixing a crop with itself at any ratio leaves it unchanged (same level, same content); with
+    silence-level noise the mixture is the clean crop scaled by (1 - ratio) in power."""
+    x = np.random.default_rng(0).standard_normal((1, 80, 50)).astype(np.float32) - 5
+    np.save(tmp_path / 'a.npy', x)
+    same = BackgroundNoise(['a.npy'], tmp_path, 50, 0.3, noise_mean=-5.0)
+    torch.testing.assert_close(same.mix(torch.from_numpy(x), -5.0), torch.from_numpy(x) + 5, atol=1e-5, rtol=0)
+    np.save(tmp_path / 'quiet.npy', np.full((1, 80, 7), -80.0, np.float32))  # shorter than the crop: repeated
+    quiet = BackgroundNoise(['quiet.npy'], tmp_path, 50, 0.25, noise_mean=0.0)
+    expected = torch.from_numpy(x) + 5 + float(np.log(0.75))
+    torch.testing.assert_close(quiet.mix(torch.from_numpy(x), -5.0), expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match='between 0 and 1'):
+        BackgroundNoise(['a.npy'], tmp_path, 50, 1.0, 0.0)
+
+
+def test_dataset_with_background_noise(lms_data):
+    """Noise mixing changes the items, reproducibly under a seed, and keeps their shape."""
+    files = read_file_list(lms_data / 'files.csv')
+    clean = SpectrogramDataset(files, lms_data, 64, (-5.0, 2.0))
+    noisy = SpectrogramDataset(files, lms_data, 64, (-5.0, 2.0), BackgroundNoise(files, lms_data, 64, 0.4, -5.0))
+    torch.manual_seed(1)
+    a = noisy[3]
+    torch.manual_seed(1)
+    b = noisy[3]
+    torch.manual_seed(1)
+    c = clean[3]
+    assert a.shape == c.shape == (1, 80, 64)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)

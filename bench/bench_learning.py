@@ -1,0 +1,185 @@
+"""Does pre-training learn? Pre-train M2D on a small realistic corpus, then linear-probe held-out tasks
+and compare with the same architecture at its random initialisation and with a log-mel baseline.
+
+    python bench/bench_learning.py                                    # the recipe below, 1,000 clips
+    python bench/bench_learning.py --name mr5 -- --mask_ratio 0.5     # anything after -- goes to train_audio.py
+
+The corpus (bench/learning_corpus.py: speech from espeak-ng in six languages, General-MIDI instruments
+rendered by fluidsynth, environmental textures, all over background noise at random SNRs) and three
+probe tasks (digits, language, instrument) are built once under --work. They need the system packages
+espeak-ng, fluidsynth and fluid-soundfont-gm (Debian/Ubuntu: `apt-get install espeak-ng fluidsynth
+fluid-soundfont-gm`); without them the benchmark says so and exits with status 0 (skipped).
+
+Pre-training is the real `train_audio.py`, in a subprocess on the CPU (its CPU time is measured).
+The random-initialisation baseline is the model that run starts from (same flags and seed). Probes:
+clip embeddings (time mean of the final layer's frame features, LMS normalised with the task's
+training statistics) or, for the log-mel baseline, the per-bin mean and std of the LMS over time
+(160-d); each probe is the built-in linear probe (m2d.eval) trained on the train split with early
+stopping on valid, averaged over --probe_seeds. Prints a table and appends a row per run to
+<work>/results.csv.
+"""
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'bench'))
+
+import learning_corpus  # noqa: E402
+from m2d.audio_io import load_audio  # noqa: E402
+from m2d.eval.embeddings import fix_length, task_embeddings  # noqa: E402
+from m2d.eval.lineareval import probe_task  # noqa: E402
+from m2d.eval.linear_probe import ProbeConfig  # noqa: E402
+from m2d.eval.tasks import TaskData, load_task, resolve_task  # noqa: E402
+from m2d.lms import LogMelSpectrogram  # noqa: E402
+from m2d.pretrain import build_model, get_args_parser, run_name, seed_everything  # noqa: E402
+from m2d.wav_to_lms import convert_folder, write_file_list  # noqa: E402
+from util.checkpoint import save_atomic  # noqa: E402
+
+# The small-data recipe under test (train_audio.py flags); arguments after -- are appended and win.
+RECIPE = ['--model', 'm2d_vit_tiny', '--depth', '4', '--decoder_depth', '2', '--input_size', '80x208',
+          '--batch_size', '32', '--epochs', '60', '--warmup_epochs', '5', '--blr', '1e-2',
+          '--ema_decay_init', '0.995', '--ema_decay', '0.999']
+
+
+def prepare_data(work: Path, n_files: int, seed: int) -> tuple[Path, Path, dict[str, Path]]:
+    """Corpus -> LMS files and their CSV (once). -> (data folder, CSV, {task: metadata.csv})."""
+    corpus, tasks = learning_corpus.build(work, n_files, seed)
+    data, csv_path = work / 'data', work / 'data' / 'files.csv'
+    if not csv_path.is_file():
+        report = convert_folder(corpus, data / 'lms', progress=False)
+        if report.failed:
+            raise SystemExit(f'error: {len(report.failed)} corpus files failed to convert:\n{report.summary()}')
+        write_file_list(data / 'lms', csv_path, data_path=data)
+    return data, csv_path, tasks
+
+
+def train_args(args: argparse.Namespace, data: Path, csv_path: Path, out: Path) -> list[str]:
+    return ['--device', 'cpu', '--num_workers', '0', '--data_path', str(data), '--dataset', str(csv_path),
+            '--seed', str(args.seed), '--output_dir', str(out), '--eval_scripts', str(out / 'no_eval'),
+            '--print_freq', '1000', *RECIPE, *args.train]
+
+
+def pretrain(flags: list[str], threads: int, log_path: Path) -> tuple[float, float]:
+    """Run train_audio.py with `flags` on `threads` threads; -> (CPU minutes, wall minutes)."""
+    env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+    with open(log_path, 'w') as log:
+        proc = subprocess.run([sys.executable, str(REPO / 'train_audio.py'), *flags], env=env, cwd=REPO,
+                              stdout=log, stderr=subprocess.STDOUT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise SystemExit(f'error: train_audio.py failed (exit {proc.returncode}); see {log_path}')
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return cpu / 60, (time.time() - t0) / 60
+
+
+def save_initial_weights(flags: list[str], folder: Path) -> Path:
+    """The weights train_audio.py starts from with these flags (it seeds, then builds the model)."""
+    args = get_args_parser().parse_args(flags)
+    seed_everything(args.seed)
+    model = build_model(args)
+    return save_atomic({'model': model.state_dict(), 'args': args}, folder / run_name(args) / 'checkpoint-0.pth')
+
+
+def logmel_embeddings(task: TaskData) -> np.ndarray:
+    """Per-mel-bin mean and std over time of each clip's LMS: [N, 160]."""
+    to_lms = LogMelSpectrogram()
+    samples = int(round(task.spec.seconds * 16000))
+    out = []
+    with torch.inference_mode():
+        for path in task.files:
+            lms = to_lms(fix_length(torch.from_numpy(load_audio(path)), samples)[None])[0]
+            out.append(torch.cat([lms.mean(-1), lms.std(-1)]).numpy())
+    return np.stack(out)
+
+
+def probe(embeddings: np.ndarray, task: TaskData, seeds: int) -> float:
+    """Mean test score (%) of the linear probe over `seeds` probe seeds."""
+    return 100 * float(np.mean([probe_task(embeddings, task, ProbeConfig(seed=s))['score'] for s in range(seeds)]))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    train_extra = argv[argv.index('--') + 1:] if '--' in argv else []
+    argv = argv[:argv.index('--')] if '--' in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--work', default=str(REPO / 'work' / 'bench_learning'), help='corpus, runs and results')
+    p.add_argument('--name', default='recipe', help='run name (folder below <work>/runs and results row)')
+    p.add_argument('--n_files', type=int, default=1000, help='clips in the pre-training corpus')
+    p.add_argument('--seed', type=int, default=0, help='corpus and training seed')
+    p.add_argument('--threads', type=int, default=1, help='torch threads for training and probing')
+    p.add_argument('--probe_seeds', type=int, default=3, help='linear probes per embedding set (averaged)')
+    p.add_argument('--reuse', action='store_true', help='probe an existing run of this name instead of training')
+    args = p.parse_args(argv)
+    args.train = train_extra
+    missing = learning_corpus.missing_tools()
+    if missing:
+        print('bench_learning: skipped, this machine lacks ' + '; '.join(missing))
+        return 0
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault('TQDM_DISABLE', '1')  # the evaluator's progress bars would drown the table
+    work = Path(args.work).resolve()
+    data, csv_path, task_csvs = prepare_data(work, args.n_files, args.seed)
+
+    run_dir = work / 'runs' / args.name
+    flags = train_args(args, data, csv_path, run_dir / 'trained')
+    name = run_name(get_args_parser().parse_args(flags))
+    flags[flags.index('--output_dir') + 1] = str(run_dir / 'trained' / name)  # a folder RuntimeM2D can parse
+    checkpoints = sorted((run_dir / 'trained' / name).glob('checkpoint-*.pth'), key=lambda p: int(p.stem.split('-')[1]))
+    cpu_min = wall_min = float('nan')
+    if not (args.reuse and checkpoints):
+        print(f'Pre-training {args.name}: train_audio.py {" ".join(flags)}', flush=True)
+        cpu_min, wall_min = pretrain(flags, args.threads, run_dir / 'train.log')
+        checkpoints = sorted((run_dir / 'trained' / name).glob('checkpoint-*.pth'),
+                             key=lambda p: int(p.stem.split('-')[1]))
+    trained = checkpoints[-1]
+    initial = save_initial_weights(flags, run_dir / 'init')
+    log = [json.loads(line) for line in (trained.parent / 'log.txt').read_text().splitlines()]
+
+    scores = {}
+    for task_name, metadata in task_csvs.items():
+        task = load_task(resolve_task(str(metadata), seconds=learning_corpus.TASKS[task_name][2]))
+        row = {'log-mel': probe(logmel_embeddings(task), task, args.probe_seeds)}
+        for label, weight in (('random init', initial), ('pre-trained', trained)):
+            emb, _ = task_embeddings(weight, task, cache_dir='', device='cpu')
+            row[label] = probe(emb, task, args.probe_seeds)
+        scores[task_name] = row
+        print(f'  {task_name}: ' + ', '.join(f'{k} {v:.1f}' for k, v in row.items()), flush=True)
+
+    columns = ('log-mel', 'random init', 'pre-trained')
+    print(f'\nLinear-probe test accuracy (%), mean of {args.probe_seeds} probe seeds; run {args.name!r}')
+    print(f'{"task":<12}' + ''.join(f'{c:>14}' for c in columns))
+    for task_name, row in scores.items():
+        print(f'{task_name:<12}' + ''.join(f'{row[c]:>14.1f}' for c in columns))
+    means = {c: float(np.mean([row[c] for row in scores.values()])) for c in columns}
+    print(f'{"mean":<12}' + ''.join(f'{means[c]:>14.1f}' for c in columns))
+    print(f'Pre-training: {cpu_min:.1f} CPU-min ({wall_min:.1f} min wall, {args.threads} thread(s)); '
+          f'final loss {log[-1]["train_loss"]:.4f} after {log[-1]["epoch"]} epochs; {trained}')
+    print(f'Flags: {" ".join(RECIPE + args.train)}')
+
+    results = work / 'results.csv'
+    new = not results.is_file()
+    with open(results, 'a', newline='') as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(['name', 'flags', 'cpu_min', 'wall_min', 'final_loss', 'task', *columns])
+        for task_name, row in scores.items():
+            writer.writerow([args.name, ' '.join(args.train), f'{cpu_min:.2f}', f'{wall_min:.2f}',
+                             f'{log[-1]["train_loss"]:.4f}', task_name, *(f'{row[c]:.2f}' for c in columns)])
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
