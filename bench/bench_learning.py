@@ -44,7 +44,7 @@ from m2d.eval.tasks import TaskData, load_task, resolve_task  # noqa: E402
 from m2d.lms import LogMelSpectrogram  # noqa: E402
 from m2d.pretrain import build_model, get_args_parser, run_name, seed_everything  # noqa: E402
 from m2d.wav_to_lms import convert_folder, write_file_list  # noqa: E402
-from util.checkpoint import save_atomic  # noqa: E402
+from util.atomic import save_atomic  # noqa: E402
 
 # The small-data recipe under test (train_audio.py flags); arguments after -- are appended and win.
 RECIPE = ['--model', 'm2d_vit_tiny', '--depth', '4', '--decoder_depth', '2', '--input_size', '80x208',

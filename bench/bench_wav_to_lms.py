@@ -20,7 +20,8 @@ import soundfile as sf
 import torch
 
 from m2d.synth import write_corpus
-from m2d.wav_to_lms import convert_folder, default_workers
+from m2d.wav_to_lms import convert_folder
+from util.cpu import usable_cores
 
 
 def _baseline_task(args: tuple) -> None:
@@ -76,7 +77,7 @@ def main() -> None:
         files = write_corpus(tmp / 'wav', args.n_files, seed=args.seed, seconds=(args.min_seconds, args.max_seconds))
         audio_s = sum(sf.info(f).duration for f in files)
         print(f'corpus: {len(files)} files, {audio_s:.0f} s of audio ({time.perf_counter() - t0:.1f} s to write); '
-              f'{default_workers()} cores, torch {torch.__version__}')
+              f'{usable_cores()} cores, torch {torch.__version__}')
 
         runs = [('ours (convert_folder)', lambda d: convert_folder(tmp / 'wav', d, workers=args.workers,
                                                                     progress=False))]

@@ -5,9 +5,10 @@ on the last micro-batch of an accumulation window: unscale, clip the gradient no
 zero grads, and (M2D) the EMA update of the target network.
 """
 import contextlib
+import datetime
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -62,6 +63,25 @@ class Schedule:
                          self.ema_decay_init, self.ema_decay_final)
 
 
+def _hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds))) if math.isfinite(seconds) else '?'
+
+
+@dataclass
+class RunClock:
+    """Elapsed time of this process's part of a run and the time left, estimated from its speed so far."""
+    first_step: int  # global step this process started at (after a resume, not 0)
+    last_step: int   # global step at which the run ends (--stop_at included)
+    started: float = field(default_factory=time.perf_counter)
+
+    def progress(self, step: int) -> str:
+        """'elapsed 0:01:02  ETA 0:10:05' once `step` global steps are done."""
+        elapsed = time.perf_counter() - self.started
+        done = step - self.first_step
+        left = elapsed / done * (self.last_step - step) if done > 0 else float('nan')
+        return f'elapsed {_hms(elapsed)}  ETA {_hms(left)}'
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group['lr'] = lr * group.get('lr_scale', 1.0)
@@ -97,11 +117,13 @@ def train_one_epoch(model: nn.Module, raw_model: nn.Module, loader: Iterable, op
                     scaler: torch.amp.GradScaler, precision: Precision, schedule: Schedule, epoch: int,
                     device: torch.device, mask_ratio: float, accum_iter: int = 1, clip_grad: float = 0.0,
                     print_freq: int = 20, world_size: int = 1, log_writer: Optional[SummaryWriter] = None,
-                    print_fn: Callable[[str], None] = print) -> dict[str, float]:
+                    print_fn: Callable[[str], None] = print, clock: Optional[RunClock] = None) -> dict[str, float]:
     """Train one epoch; -> {'loss', 'lr', 'ema_decay', 'samples_per_s'} (loss averaged over steps and ranks;
     lr and ema_decay as at the last step).
 
     model: what to call (DDP-wrapped and/or compiled); raw_model: the plain module (EMA, parameters).
+    Every step's loss, lr and EMA decay go to log_writer (TensorBoard); every print_freq steps a progress
+    line, with the elapsed time and the time left of the run when a clock is given.
     Raises NonFiniteLossError naming the epoch and step if the loss turns NaN or inf.
     """
     model.train(True)
@@ -132,18 +154,21 @@ def train_one_epoch(model: nn.Module, raw_model: nn.Module, loader: Iterable, op
             update_target(raw_model, decay)
         loss_sum += loss_value
         samples_since_print += samples.shape[0] * world_size
+        step = epoch * n_iters + it
+        if log_writer is not None:
+            log_writer.add_scalar('train_loss', loss_value, step)
+            log_writer.add_scalar('lr', lr, step)
+            if has_target:
+                log_writer.add_scalar('ema_decay', decay, step)
         if (it + 1) % print_freq == 0 or it + 1 == n_iters:
             now = time.perf_counter()
             speed = samples_since_print / max(now - t_print, 1e-9)
             ema_text = f'ema {decay:.6f}  ' if has_target else ''
+            clock_text = f'  {clock.progress(step + 1)}' if clock is not None else ''
             print_fn(f'Epoch [{epoch + 1}/{schedule.epochs}] step [{it + 1}/{n_iters}]  loss {loss_value:.4f}  '
-                     f'lr {lr:.3e}  {ema_text}{speed:.1f} samples/s')
+                     f'lr {lr:.3e}  {ema_text}{speed:.1f} samples/s{clock_text}')
             if log_writer is not None:
-                step = epoch * n_iters + it
-                log_writer.add_scalar('train_loss', loss_value, step)
-                log_writer.add_scalar('lr', lr, step)
-                if has_target:
-                    log_writer.add_scalar('ema_decay', decay, step)
+                log_writer.add_scalar('samples_per_s', speed, step)
             t_print, samples_since_print = now, 0
     elapsed = time.perf_counter() - t_epoch
     return {'loss': loss_sum / n_iters, 'lr': lr, 'ema_decay': decay,

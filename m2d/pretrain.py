@@ -31,6 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from util import dist as distutil
 from util.atomic import open_atomic, remove_stale_temp_files
+from util.cpu import idle_cores, usable_cores
 from util.schedules import scaled_lr
 
 from .checkpoint import (CheckpointError, extract_state_dict, load_checkpoint, load_state_strict, parse_size,
@@ -39,14 +40,18 @@ from .cli import (LOAD_ERRORS, HelpFormatter, Interrupted, OutputError, UsageErr
                   check_writable, guarded, parse_numbers, writing)
 from .data import (NORM_STATS_CROPS, BackgroundNoise, SpectrogramDataset, check_files, compute_norm_stats,
                    load_vis_samples, read_file_list)
-from .engine_pretrain import NonFiniteLossError, Precision, Schedule, train_one_epoch
+from .engine_pretrain import NonFiniteLossError, Precision, RunClock, Schedule, train_one_epoch
 from .models_mae import MODELS, MaskedAutoencoderViT, create_model
-from .visualize import save_mask_figure
+from .visualize import save_loss_curve, save_mask_figure
 
 REPO = Path(__file__).resolve().parents[1]  # train_audio.py, quick_eval.sh and all_eval.sh in a checkout
 
 
 # ----- arguments -------------------------------------------------------------------------------------
+
+PUBLISHED_BATCH_SIZE = 512
+PUBLISHED_NUM_WORKERS = 10
+
 
 def size_arg(text: str) -> list[int]:
     """argparse type: '80x208' -> [80, 208]; '16' -> [16, 16]."""
@@ -66,7 +71,8 @@ def get_args_parser(mae: bool = False) -> argparse.ArgumentParser:
 
 def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     """Add the pre-training options to `p` (M2D's defaults; mae=True: MSM-MAE's)."""
-    p.add_argument('--batch_size', default=512, type=int, help='batch size per process (GPU)')
+    p.add_argument('--batch_size', default=None, type=int,
+                   help='batch size per process (GPU); default 512, or fewer when the dataset has fewer files')
     p.add_argument('--epochs', default=300, type=int, help='length of the run (the lr and EMA schedules span it)')
     p.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps per update')
     p.add_argument('--eval_after', default=100, type=int, help='run quick_eval.sh on checkpoints from this epoch on')
@@ -113,14 +119,19 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
                         "M2D's background-noise mixing, a regulariser for small data)")
     p.add_argument('--csv_bg_noise', default='', type=str,
                    help='file list of the background crops, relative to --data_path (default: the --dataset files)')
-    p.add_argument('--num_workers', default=10, type=int, help='DataLoader worker processes per training process')
+    p.add_argument('--num_workers', default=None, type=int,
+                   help='DataLoader worker processes per training process (default: on CUDA 10, the published '
+                        'value, or the cores each process has if fewer; on the CPU 0, loading in the training process)')
     p.add_argument('--pin_mem', action='store_true', help='pin CPU memory in the DataLoader (on by default)')
     p.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
     p.set_defaults(pin_mem=True)
     # Run.
     p.add_argument('--output_dir', default='', type=str, help='run folder (default: named after the settings)')
     p.add_argument('--log_dir', default='', type=str, help='TensorBoard folder (default: the run folder)')
-    p.add_argument('--device', default='cuda', type=str, help="'cuda' or 'cpu'")
+    p.add_argument('--device', default='auto', type=str, help="'cuda', 'cpu', or 'auto': cuda if available, else cpu")
+    p.add_argument('--threads', default=0, type=int,
+                   help='torch threads per process (0: on the CPU, the cores that other processes leave idle; '
+                        "on CUDA, torch's default)")
     p.add_argument('--seed', default=0, type=int, help='seed of the weights, data order, crops and masks')
     p.add_argument('--resume', default='', type=str,
                    help="checkpoint to continue from; its stored args fill every flag not given on the command line")
@@ -305,11 +316,11 @@ def start_eval_script(script: Path, checkpoint: Path, log_path: Path, wait: bool
 
 def validate_args(args: argparse.Namespace) -> None:
     for name in ('batch_size', 'epochs', 'accum_iter', 'save_freq', 'print_freq'):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
     if not 0 < args.mask_ratio < 1:
         raise UsageError(f'--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}')
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         raise UsageError(f'--num_workers must be 0 or more, got {args.num_workers}')
     (F, T), (pf, pt) = args.input_size, args.patch_size
     if F % pf or T % pt:
@@ -317,6 +328,8 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(name)
     if device.type == 'cuda':
         if not torch.cuda.is_available():
@@ -324,6 +337,30 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
                              'pass --device cpu to train on the CPU')
         return torch.device('cuda', local_rank)
     return device
+
+
+def resolve_resources(args: argparse.Namespace, info: distutil.DistInfo, device: torch.device, n_files: int,
+                      print_fn: Callable[[str], None]) -> None:
+    """Settle the defaults that depend on the data and the machine: batch size, DataLoader workers and
+    torch threads (set here for this process)."""
+    per_process = n_files // info.world_size
+    if args.batch_size is None:
+        args.batch_size = min(PUBLISHED_BATCH_SIZE, per_process)
+        if 0 < args.batch_size < PUBLISHED_BATCH_SIZE:
+            print_fn(f'Note: batch size {args.batch_size} per process, as {n_files} files make no batch of '
+                     f'{PUBLISHED_BATCH_SIZE} for {info.world_size} process(es) (--batch_size sets it)')
+    if per_process < max(args.batch_size, 1):
+        raise UsageError(f'{n_files} files are too few for one batch of {max(args.batch_size, 1)} per process '
+                         f'x {info.world_size} processes; lower --batch_size')
+    local_processes = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    if args.num_workers is None:
+        # On the CPU, worker processes would take cores from the compute threads.
+        args.num_workers = 0 if device.type == 'cpu' else min(PUBLISHED_NUM_WORKERS, usable_cores() // local_processes)
+    threads = args.threads or (max(1, idle_cores() // local_processes) if device.type == 'cpu' else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    print_fn(f'Batch {args.batch_size} per process, {args.num_workers} DataLoader workers, '
+             f'{torch.get_num_threads()} torch threads per process{"" if args.threads else " (auto)"}')
 
 
 def build_model(args: argparse.Namespace) -> MaskedAutoencoderViT:
@@ -445,9 +482,7 @@ def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> 
         try:
             print_fn(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {" ".join(sys.argv)}')
             files, args.norm_stats = prepare_data(args, info, print_fn)
-            if len(files) // info.world_size < args.batch_size:
-                raise UsageError(f'{len(files)} files are too few for one batch of {args.batch_size} per process '
-                                 f'x {info.world_size} processes; lower --batch_size')
+            resolve_resources(args, info, device, len(files), print_fn)
             if info.is_main:  # the checks passed: only now the run folder is made (a failed start leaves none)
                 with writing(out):
                     out.mkdir(parents=True, exist_ok=True)
@@ -541,6 +576,7 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
     vis_names, vis_lms = load_vis_samples(Path(args.data_path) / 'vis_samples', args.input_size[1], args.norm_stats)
     result = RunResult(out, raw_model)
     last_epoch = args.epochs if args.stop_at <= 0 else min(args.stop_at, args.epochs)
+    clock = RunClock(start_epoch * len(loader), last_epoch * len(loader))
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, last_epoch):
@@ -548,7 +584,7 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
             try:
                 stats = train_one_epoch(model, raw_model, loader, optimizer, scaler, precision, schedule, epoch,
                                         device, args.mask_ratio, args.accum_iter, args.clip_grad, args.print_freq,
-                                        info.world_size, writer, print_fn)
+                                        info.world_size, writer, print_fn, clock)
             except OSError as e:  # TensorBoard's writer thread; a full or read-only disk is never a data read
                 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                     raise OutputError(log_dir, e) from e
@@ -567,6 +603,8 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
                         save_checkpoint(path, raw_model, optimizer, scaler, done, args, rng_states)
                     result.last_checkpoint = path
                     print_fn(f'Saved {path}')
+                    with writing(out / 'loss.png'):
+                        save_loss_curve(out / 'log.txt', out / 'loss.png')
                     if vis_lms is not None:
                         with writing(out / f'vis-{done}.png'):
                             save_mask_figure(raw_model, vis_lms, vis_names, args.mask_ratio, out / f'vis-{done}.png',

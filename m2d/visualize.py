@@ -1,6 +1,7 @@
-"""Pictures of masks (and MSM-MAE reconstructions) on a few spectrograms, saved at checkpoints."""
+"""Pictures saved at checkpoints: masks (and MSM-MAE reconstructions) on a few spectrograms, and the loss curve."""
+import json
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import matplotlib
 import torch
@@ -39,6 +40,30 @@ def save_mask_figure(model: MaskedAutoencoderViT, lms: torch.Tensor, names: Sequ
             ax.set_title(f'{name}: {title}', fontsize=8)
             ax.axis('off')
     fig.suptitle(f'mask ratio {mask_ratio}, loss {float(loss):.4f}', fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def save_loss_curve(log_path: Union[str, Path], path: Union[str, Path]) -> Optional[Path]:
+    """The training loss per epoch from a run's log.txt (a JSON line per epoch), with the learning rate
+    on a second axis, saved as a picture; None when the log holds no epoch yet."""
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    epochs = [r['epoch'] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(epochs, [r['train_loss'] for r in rows], color='tab:blue', marker='.' if len(rows) < 30 else None)
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('training loss', color='tab:blue')
+    ax.set_yscale('log')
+    ax.grid(alpha=0.3)
+    lr_ax = ax.twinx()
+    lr_ax.plot(epochs, [r['train_lr'] for r in rows], color='tab:orange', alpha=0.7)
+    lr_ax.set_ylabel('learning rate (end of epoch)', color='tab:orange')
+    ax.set_title(f'{Path(log_path).parent.name}: loss {rows[-1]["train_loss"]:.4f} at epoch {epochs[-1]}', fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=80)

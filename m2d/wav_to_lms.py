@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from util.atomic import open_atomic, remove_stale_temp_files, save_npy_atomic
+from util.cpu import usable_cores
 
 from .audio_io import AudioReadError, load_audio
 from .cli import Interrupted, UsageError, check_writable, describe_interrupt, writing
@@ -123,11 +124,6 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def default_workers() -> int:
-    """The number of cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-
-
 def _run_jobs(jobs: list[tuple[int, str, str, int]], workers: int) -> Iterator[tuple[int, int, Optional[str]]]:
     """Results of _convert_job for all jobs, in completion order: in this process for one worker,
     else in a pool. forkserver (spawn where unavailable) keeps workers free of the caller's threads."""
@@ -164,7 +160,7 @@ def convert_folder(src: PathLike, dst: PathLike, suffix: str = '.wav', workers: 
         raise NotADirectoryError(f'source folder not found: {src}')
     if not suffix:
         raise ValueError("suffix must not be empty (e.g. '.wav', '.flac')")
-    workers = default_workers() if workers is None else int(workers)
+    workers = usable_cores() if workers is None else int(workers)
     if workers < 1:
         raise ValueError(f'workers must be >= 1, got {workers}')
     if min_length < 0:

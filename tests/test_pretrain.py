@@ -99,7 +99,7 @@ def fake_eval_scripts(folder: Path) -> Path:
 def test_run_outputs_checkpoints_and_hooks(lms_data, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     scripts = fake_eval_scripts(tmp_path / 'scripts')
-    result = run(tiny_argv(lms_data, '', '--eval_after', '2', '--eval_scripts', str(scripts)))
+    result = run(tiny_argv(lms_data, '', '--eval_after', '2', '--eval_scripts', str(scripts), '--print_freq', '2'))
     out = result.output_dir
     assert re.fullmatch(rf'm2d_vit_tiny-80x96p16x16-{datetime.date.today():%y%m%d}-mr7', out.name)
     assert sorted(p.name for p in out.glob('checkpoint-*.pth')) == ['checkpoint-1.pth', 'checkpoint-2.pth']
@@ -122,10 +122,14 @@ def test_run_outputs_checkpoints_and_hooks(lms_data, tmp_path, monkeypatch, one_
     events = EventAccumulator(str(out))
     events.Reload()
     assert {'train_loss', 'lr', 'ema_decay'} <= set(events.Tags()['scalars'])
-    assert len(events.Scalars('train_loss')) == 4  # every step at --print_freq 1
+    assert len(events.Scalars('train_loss')) == 4  # every step, whatever --print_freq
+    assert [e.step for e in events.Scalars('lr')] == [0, 1, 2, 3]
 
     console = (out / 'console.txt').read_text()
     assert 'Epoch [2/2] step [2/2]' in console and 'samples/s' in console and 'ema 0.99999' in console
+    assert 'Epoch [1/2] step [1/2]' not in console  # a progress line every --print_freq steps
+    assert re.search(r'step \[2/2\].*elapsed \d+:\d\d:\d\d  ETA 0:00:00', console)
+    assert (out / 'loss.png').stat().st_size > 1000
     assert 'hello from all_eval.sh' in console
     assert (out / 'vis-1.png').stat().st_size > 1000 and (out / 'vis-2.png').is_file()
 
@@ -375,3 +379,39 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(lms_data, tmp_path):
     last = re.search(r'--resume (\S+) to continue', err).group(1)
     assert Path(last).parent == out and load_checkpoint(last)['epoch'] >= 1
     assert 'Interrupted: in epoch' in (out / 'console.txt').read_text()
+
+
+def test_defaults_fit_a_small_dataset_on_a_laptop(lms_data, tmp_path, monkeypatch, capsys):
+    """Without --batch_size, --num_workers, --device and --threads a run fits the data and the machine:
+    the batch shrinks to the 16 files, no worker processes on the CPU, threads follow the idle cores."""
+    import m2d.pretrain as pretrain
+    monkeypatch.setattr(pretrain, 'idle_cores', lambda: 1)
+    before = torch.get_num_threads()
+    try:
+        argv = [a for a in tiny_argv(lms_data, tmp_path / 'run') if a not in ('--batch_size', '8', '--num_workers', '0',
+                                                                           '--device', 'cpu')]
+        assert '--batch_size' not in argv and '--device' not in argv
+        result = run([*argv, '--epochs', '1', '--depth', '1'])
+        args = load_checkpoint(result.last_checkpoint)['args']
+        assert (args.batch_size, args.num_workers, args.device) == (16, 0, 'auto')
+        out = capsys.readouterr().out
+        assert 'Note: batch size 16 per process, as 16 files make no batch of 512' in out
+        assert 'Batch 16 per process, 0 DataLoader workers, 1 torch threads per process (auto)' in out
+        assert torch.get_num_threads() == 1
+        with pytest.raises(pretrain.UsageError, match='16 files are too few for one batch of 512'):
+            run([*argv, '--batch_size', '512'])  # the published default stays reachable, and explicit
+        run([*argv, '--epochs', '1', '--depth', '1', '--threads', '2', '--output_dir', str(tmp_path / 'run2')])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_idle_cores_follow_the_load(monkeypatch):
+    import util.cpu
+    monkeypatch.setattr(util.cpu, 'usable_cores', lambda: 2)
+    monkeypatch.setattr(util.cpu.os, 'getloadavg', lambda: (1.9, 0.0, 0.0))
+    assert util.cpu.idle_cores() == 1
+    monkeypatch.setattr(util.cpu.os, 'getloadavg', lambda: (0.2, 0.0, 0.0))
+    assert util.cpu.idle_cores() == 2
+    monkeypatch.setattr(util.cpu.os, 'getloadavg', lambda: (7.0, 0.0, 0.0))
+    assert util.cpu.idle_cores() == 1
