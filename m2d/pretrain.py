@@ -34,8 +34,9 @@ from util.atomic import open_atomic, remove_stale_temp_files
 from util.cpu import idle_cores, usable_cores
 from util.schedules import scaled_lr
 
-from .checkpoint import (CheckpointError, extract_state_dict, load_checkpoint, load_state_strict, parse_size,
-                         run_name, save_checkpoint, saved_args, split_state)
+from .checkpoint import (PRETRAINING_PREFIXES, CheckpointError, backbone_model, describe, extract_state_dict,
+                         load_checkpoint, load_state_strict, parse_size, run_name, save_checkpoint, saved_args,
+                         split_state)
 from .cli import (LOAD_ERRORS, HelpFormatter, Interrupted, OutputError, UsageError, add_norm_stats_argument,
                   check_writable, guarded, parse_numbers, writing)
 from .data import (NORM_STATS_CROPS, BackgroundNoise, SpectrogramDataset, check_files, compute_norm_stats,
@@ -49,6 +50,11 @@ REPO = Path(__file__).resolve().parents[1]  # train_audio.py, quick_eval.sh and 
 
 # ----- arguments -------------------------------------------------------------------------------------
 
+# Recipes for --preset: values for the flags a command line does not give.
+PRESETS = {
+    'small': dict(model='m2d_vit_tiny', depth=4, decoder_depth=2, input_size=[80, 208], batch_size=32, epochs=60,
+                  warmup_epochs=5, blr=1e-2, ema_decay_init=0.995, ema_decay=0.999, mask_ratio=0.5),
+}
 PUBLISHED_BATCH_SIZE = 512
 PUBLISHED_NUM_WORKERS = 10
 
@@ -138,6 +144,13 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     p.add_argument('--trust_checkpoint', action='store_true',
                    help='let --resume unpickle anything in the file (it could run code): only for files you trust')
     p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set from the checkpoint on --resume)')
+    p.add_argument('--init_from', default='', type=str,
+                   help='start a new run from the weights of this checkpoint (further pre-training, e.g. released '
+                        "weights on your own data): its model and sizes fill the flags not given, the optimizer "
+                        'and schedules start afresh')
+    p.add_argument('--preset', default='', choices=['', *PRESETS],
+                   help='a recipe filling the flags not given: small = the small-data recipe of the README '
+                        '(bench/bench_learning.py)')
     p.add_argument('--eval_scripts', default='', type=str,
                    help='folder of quick_eval.sh / all_eval.sh (default: the folder of the training script)')
     # Distributed (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; these are kept for compatibility).
@@ -147,8 +160,8 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
 
 
 # Stored args that a resumed run takes from the command line or its own situation, never from the checkpoint.
-NOT_RESUMED = ('resume', 'start_epoch', 'stop_at', 'output_dir', 'trust_checkpoint', 'world_size', 'local_rank',
-               'dist_url')
+NOT_RESUMED = ('resume', 'start_epoch', 'stop_at', 'output_dir', 'trust_checkpoint', 'init_from', 'world_size',
+               'local_rank', 'dist_url')
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> set[str]:
@@ -166,25 +179,83 @@ def parse_args(argv: Optional[list[str]] = None, mae: bool = False) -> argparse.
 
 
 def complete_args(args: argparse.Namespace, argv: Optional[list[str]], mae: bool = False) -> argparse.Namespace:
-    """With --resume, the checkpoint's stored args fill every flag not given on the command line `argv`.
+    """Fill the flags not given on the command line `argv`, in this order: from --preset's recipe; from
+    --init_from's checkpoint, its model and sizes (and the LMS stats it stores or was trained with);
+    from --resume's checkpoint, every stored arg.
 
     So `--resume RUN/checkpoint-N.pth` alone continues the run as it was started, and any flag given
     (e.g. --epochs 400) overrides the stored one. lr is derived again from --blr when a flag it
     depends on (--blr, --batch_size, --accum_iter) is given without --lr.
     """
-    if not args.resume:
+    if not (args.preset or args.init_from or args.resume):
         return args
-    try:
-        stored = saved_args(load_checkpoint(args.resume, trust=args.trust_checkpoint))
-    except LOAD_ERRORS as e:
-        raise UsageError(f'--resume: {e}') from None
     given = explicit_flags(get_args_parser(mae), argv)
-    for key, value in stored.items():
-        if hasattr(args, key) and key not in given and key not in NOT_RESUMED:
-            setattr(args, key, value)
+
+    def fill(values: dict, skip: tuple = ()) -> None:
+        for key, value in values.items():
+            if hasattr(args, key) and key not in given and key not in skip and value is not None:
+                setattr(args, key, value)
+
+    fill(PRESETS.get(args.preset, {}))
+    if args.init_from:
+        fill(initial_model_args(args.init_from, args.trust_checkpoint))
+    if args.resume:
+        try:
+            fill(saved_args(load_checkpoint(args.resume, trust=args.trust_checkpoint)), skip=NOT_RESUMED)
+        except LOAD_ERRORS as e:
+            raise UsageError(f'--resume: {e}') from None
     if given & {'blr', 'batch_size', 'accum_iter'} and 'lr' not in given:
         args.lr = None
     return args
+
+
+def initial_model_args(path: str, trust: bool) -> dict:
+    """What --init_from's checkpoint says about its model: name, sizes, depths, and the LMS stats it
+    stores (later formats) or was pre-trained with (our training args)."""
+    try:
+        checkpoint = load_checkpoint(path, trust=trust)
+        spec = describe(path, checkpoint, split_state(extract_state_dict(checkpoint, path)))
+    except LOAD_ERRORS as e:
+        raise UsageError(f'--init_from: {e}') from None
+    stats = spec.norm_stats or saved_args(checkpoint).get('norm_stats')
+    return dict(model=backbone_model(spec.model), input_size=spec.input_size, patch_size=spec.patch_size,
+                depth=spec.depth, decoder_depth=spec.decoder_depth or None, norm_stats=list(stats) if stats else None)
+
+
+def load_initial_weights(model: MaskedAutoencoderViT, path: str, trust: bool, print_fn: Callable[[str], None]) -> None:
+    """Start `model` from the weights in `path` (--init_from). The encoder must match; the predictor and
+    the EMA target come from the checkpoint when it has them, else the predictor keeps its fresh init and
+    the target starts as a copy of the encoder. Position tables are the model's own: they are fixed
+    functions of the patch grid, so a crop length other than the checkpoint's works too."""
+    try:
+        parts = split_state(extract_state_dict(load_checkpoint(path, trust=trust), path))
+    except LOAD_ERRORS as e:
+        raise UsageError(f'--init_from: {e}') from None
+    own = model.state_dict()
+    state = {k: v for k, v in parts.model.items() if not k.endswith('pos_embed')}
+    encoder = [k for k in own if not k.startswith(PRETRAINING_PREFIXES) and not k.endswith('pos_embed')]
+    missing = [k for k in encoder if k not in state]
+    if missing:
+        raise UsageError(f'--init_from {path}: the checkpoint lacks encoder weights of {model_text(model)}: '
+                         + ', '.join(missing[:8]) + (' ...' if len(missing) > 8 else ''))
+    copied_target = hasattr(model, 'target_blocks') and not any(k.startswith('target_') for k in state)
+    if copied_target:
+        state.update({'target_' + k: v for k, v in state.items() if k.startswith(('blocks.', 'norm.'))})
+    fresh = [k for k in own if k not in state]
+    try:
+        load_state_strict(model, {**state, **{k: own[k] for k in fresh}}, model_text(model))
+    except CheckpointError as e:
+        raise UsageError(f'--init_from {path}: {e}') from None
+    predictor = 'fresh' if any(k.startswith('decoder_blocks.') for k in fresh) else 'from the checkpoint'
+    target = 'a copy of the encoder' if copied_target else 'from the checkpoint'
+    unused = f'; not used: {parts.describe_extra()}' if parts.extra else ''
+    print_fn(f'Initialised from {path}: encoder ({len(model.blocks)} blocks) from the checkpoint, predictor '
+             f'{predictor}, target {target}{unused}; the optimizer and schedules start afresh')
+
+
+def model_text(model: MaskedAutoencoderViT) -> str:
+    return f'{type(model).__name__} (input {list(model.patch_embed.img_size)}, patch {list(model.patch_size())}, ' \
+           f'{len(model.blocks)} blocks)'
 
 
 def is_m2d(model_name: str) -> bool:
@@ -318,6 +389,8 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ('batch_size', 'epochs', 'accum_iter', 'save_freq', 'print_freq'):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    if args.resume and args.init_from:
+        raise UsageError('give either --resume (continue a run) or --init_from (start a new run from its weights)')
     if not 0 < args.mask_ratio < 1:
         raise UsageError(f'--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}')
     if args.num_workers is not None and args.num_workers < 0:
@@ -554,6 +627,8 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     optimizer = build_optimizer(args, raw_model, device)
     start_epoch = args.start_epoch
+    if args.init_from:
+        load_initial_weights(raw_model, args.init_from, args.trust_checkpoint, print_fn)
     if checkpoint is not None:
         start_epoch = resume_from(checkpoint, args, info, raw_model, optimizer, scaler, print_fn)
         if info.is_main:

@@ -415,3 +415,52 @@ def test_idle_cores_follow_the_load(monkeypatch):
     assert util.cpu.idle_cores() == 2
     monkeypatch.setattr(util.cpu.os, 'getloadavg', lambda: (7.0, 0.0, 0.0))
     assert util.cpu.idle_cores() == 1
+
+
+def test_preset_fills_only_the_flags_not_given():
+    from m2d.pretrain import PRESETS, parse_args
+    args = parse_args(['--preset', 'small', '--epochs', '3', '--blr', '2e-2'])
+    assert (args.epochs, args.blr) == (3, 2e-2)
+    small = PRESETS['small']
+    assert all(getattr(args, k) == v for k, v in small.items() if k not in ('epochs', 'blr'))
+    assert parse_args([]).model == 'm2d_vit_base'  # no preset: the published defaults
+
+
+def test_init_from_starts_a_new_run_from_the_weights(lms_data, tmp_path, capsys, one_thread):
+    """--init_from takes the model and sizes from the checkpoint, loads encoder, predictor and target (or
+    copies the encoder into the target for encoder-only weights), and starts a fresh optimizer: with lr 0
+    and an EMA decay of 1 the weights at the end are those it started from."""
+    first = run(tiny_argv(lms_data, tmp_path / 'first', '--epochs', '1')).last_checkpoint
+    start = load_checkpoint(first)['model']
+    frozen = ['--blr', '0', '--ema_decay_init', '1', '--ema_decay', '1', '--epochs', '1', '--warmup_epochs', '0']
+    data = ['--device', 'cpu', '--num_workers', '0', '--batch_size', '8', '--data_path', str(lms_data),
+            '--dataset', str(lms_data / 'files.csv'), '--eval_scripts', str(lms_data / 'none'), '--print_freq', '1']
+
+    def further(init: Path, out: str, *extra: str) -> dict:
+        from m2d.pretrain import parse_args
+        result = main(parse_args(['--init_from', str(init), *data, *frozen, '--output_dir', str(tmp_path / out), *extra]))
+        return load_checkpoint(result.last_checkpoint)
+
+    full = further(first, 'full')
+    assert (full['args'].model, full['args'].depth, full['args'].decoder_depth, full['args'].input_size) == \
+        ('m2d_vit_tiny', 2, 2, [80, 96])
+    assert full['epoch'] == 1 and full['args'].norm_stats == load_checkpoint(first)['args'].norm_stats
+    assert all(torch.equal(full['model'][k], v) for k, v in start.items())
+    assert 'predictor from the checkpoint, target from the checkpoint' in capsys.readouterr().out
+
+    encoder_only = tmp_path / 'm2d_vit_tiny-80x96p16x16-000000-enc' / 'weights.pth'
+    encoder_only.parent.mkdir()
+    torch.save({k: v for k, v in start.items() if not k.startswith(('decoder', 'target', 'mask_token'))}, encoder_only)
+    enc = further(encoder_only, 'enc', '--input_size', '80x64')  # another crop length: position tables are rebuilt
+    assert enc['args'].input_size == [80, 64] and enc['model']['pos_embed'].shape[1] == 1 + 5 * 4
+    assert all(torch.equal(enc['model'][k], start[k]) for k in start if k.startswith(('blocks.', 'norm.', 'patch_embed')))
+    assert all(torch.equal(enc['model']['target_' + k], start[k]) for k in start if k.startswith(('blocks.', 'norm.')))
+    assert not torch.equal(enc['model']['decoder_embed.weight'], start['decoder_embed.weight'])
+    assert 'predictor fresh, target a copy of the encoder' in capsys.readouterr().out
+
+    assert cli(argv=['--init_from', str(first), *data, '--model', 'm2d_vit_small', '--output_dir',
+                     str(tmp_path / 'bad')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: --init_from {first}: ') and 'shape mismatches' in err
+    assert cli(argv=['--init_from', str(first), '--resume', str(first), *data]) == 2
+    assert 'either --resume' in capsys.readouterr().err
