@@ -1,8 +1,9 @@
 """Does pre-training learn? Pre-train M2D on a small realistic corpus, then linear-probe held-out tasks
 and compare with the same architecture at its random initialisation and with a log-mel baseline.
 
-    python bench/bench_learning.py                                    # the recipe below, 1,000 clips
-    python bench/bench_learning.py --name mr5 -- --mask_ratio 0.5     # anything after -- goes to train_audio.py
+    python bench/bench_learning.py                                    # the small-data recipe, 1,000 clips
+    python bench/bench_learning.py --name mr6 -- --mask_ratio 0.6     # anything after -- goes to train_audio.py
+    python bench/bench_learning.py --name further --corpus_kinds sentence,word -- --init_from RUN/checkpoint-60.pth
 
 The corpus (bench/learning_corpus.py: speech from espeak-ng in six languages, General-MIDI instruments
 rendered by fluidsynth, environmental textures, all over background noise at random SNRs) and three
@@ -11,12 +12,13 @@ espeak-ng, fluidsynth and fluid-soundfont-gm (Debian/Ubuntu: `apt-get install es
 fluid-soundfont-gm`); without them the benchmark says so and exits with status 0 (skipped).
 
 Pre-training is the real `train_audio.py`, in a subprocess on the CPU (its CPU time is measured).
-The random-initialisation baseline is the model that run starts from (same flags and seed). Probes:
+The random-initialisation baseline is the model that run would start from without --init_from (same
+flags and seed); with --init_from, the weights it starts from are probed too ('start'). Probes:
 clip embeddings (time mean of the final layer's frame features, LMS normalised with the task's
 training statistics) or, for the log-mel baseline, the per-bin mean and std of the LMS over time
 (160-d); each probe is the built-in linear probe (m2d.eval) trained on the train split with early
-stopping on valid, averaged over --probe_seeds. Prints a table and appends a row per run to
-<work>/results.csv.
+stopping on valid, averaged over --probe_seeds. Prints a table and appends its scores to
+<work>/scores.csv (one row per run, task and weights).
 """
 import argparse
 import csv
@@ -42,25 +44,28 @@ from m2d.eval.lineareval import probe_task  # noqa: E402
 from m2d.eval.linear_probe import ProbeConfig  # noqa: E402
 from m2d.eval.tasks import TaskData, load_task, resolve_task  # noqa: E402
 from m2d.lms import LogMelSpectrogram  # noqa: E402
-from m2d.pretrain import build_model, get_args_parser, run_name, seed_everything  # noqa: E402
+from m2d.pretrain import build_model, parse_args, run_name, seed_everything  # noqa: E402
 from m2d.wav_to_lms import convert_folder, write_file_list  # noqa: E402
 from util.atomic import save_atomic  # noqa: E402
 
-# The small-data recipe under test (train_audio.py flags); arguments after -- are appended and win.
-RECIPE = ['--model', 'm2d_vit_tiny', '--depth', '4', '--decoder_depth', '2', '--input_size', '80x208',
-          '--batch_size', '32', '--epochs', '60', '--warmup_epochs', '5', '--blr', '1e-2',
-          '--ema_decay_init', '0.995', '--ema_decay', '0.999']
+# The recipe under test (train_audio.py flags); arguments after -- are appended and win.
+RECIPE = ['--preset', 'small']
 
 
-def prepare_data(work: Path, n_files: int, seed: int) -> tuple[Path, Path, dict[str, Path]]:
-    """Corpus -> LMS files and their CSV (once). -> (data folder, CSV, {task: metadata.csv})."""
+def prepare_data(work: Path, n_files: int, seed: int, kinds: list[str]) -> tuple[Path, Path, dict[str, Path]]:
+    """Corpus -> LMS files (once) and the CSV of the `kinds` of clips to pre-train on (all when empty).
+    -> (data folder, CSV, {task: metadata.csv})."""
     corpus, tasks = learning_corpus.build(work, n_files, seed)
-    data, csv_path = work / 'data', work / 'data' / 'files.csv'
-    if not csv_path.is_file():
+    data = work / 'data'
+    if not (data / 'files.csv').is_file():
         report = convert_folder(corpus, data / 'lms', progress=False)
         if report.failed:
             raise SystemExit(f'error: {len(report.failed)} corpus files failed to convert:\n{report.summary()}')
-        write_file_list(data / 'lms', csv_path, data_path=data)
+        write_file_list(data / 'lms', data / 'files.csv', data_path=data)
+    if not kinds:
+        return data, data / 'files.csv', tasks
+    csv_path = data / f'files-{"-".join(kinds)}.csv'
+    write_file_list([data / 'lms' / kind for kind in kinds], csv_path, data_path=data)
     return data, csv_path, tasks
 
 
@@ -85,9 +90,10 @@ def pretrain(flags: list[str], threads: int, log_path: Path) -> tuple[float, flo
     return cpu / 60, (time.time() - t0) / 60
 
 
-def save_initial_weights(flags: list[str], folder: Path) -> Path:
-    """The weights train_audio.py starts from with these flags (it seeds, then builds the model)."""
-    args = get_args_parser().parse_args(flags)
+def save_random_init(flags: list[str], folder: Path) -> Path:
+    """The weights train_audio.py starts from with these flags, without --init_from (it seeds, then builds
+    the model)."""
+    args = parse_args(flags)
     seed_everything(args.seed)
     model = build_model(args)
     return save_atomic({'model': model.state_dict(), 'args': args}, folder / run_name(args) / 'checkpoint-0.pth')
@@ -121,6 +127,8 @@ def main(argv=None) -> int:
     p.add_argument('--seed', type=int, default=0, help='corpus and training seed')
     p.add_argument('--threads', type=int, default=1, help='torch threads for training and probing')
     p.add_argument('--probe_seeds', type=int, default=3, help='linear probes per embedding set (averaged)')
+    p.add_argument('--corpus_kinds', default='', help='pre-train on these kinds of corpus clips only, e.g. '
+                   'sentence,word (speech); default: all (sentence, word, music, texture)')
     p.add_argument('--reuse', action='store_true', help='probe an existing run of this name instead of training')
     args = p.parse_args(argv)
     args.train = train_extra
@@ -131,11 +139,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault('TQDM_DISABLE', '1')  # the evaluator's progress bars would drown the table
     work = Path(args.work).resolve()
-    data, csv_path, task_csvs = prepare_data(work, args.n_files, args.seed)
+    data, csv_path, task_csvs = prepare_data(work, args.n_files, args.seed,
+                                             [k for k in args.corpus_kinds.split(',') if k])
 
     run_dir = work / 'runs' / args.name
     flags = train_args(args, data, csv_path, run_dir / 'trained')
-    name = run_name(get_args_parser().parse_args(flags))
+    train = parse_args(flags)
+    name = run_name(train)
     flags[flags.index('--output_dir') + 1] = str(run_dir / 'trained' / name)  # a folder RuntimeM2D can parse
     checkpoints = sorted((run_dir / 'trained' / name).glob('checkpoint-*.pth'), key=lambda p: int(p.stem.split('-')[1]))
     cpu_min = wall_min = float('nan')
@@ -145,20 +155,23 @@ def main(argv=None) -> int:
         checkpoints = sorted((run_dir / 'trained' / name).glob('checkpoint-*.pth'),
                              key=lambda p: int(p.stem.split('-')[1]))
     trained = checkpoints[-1]
-    initial = save_initial_weights(flags, run_dir / 'init')
+    weights = {'random init': save_random_init(flags, run_dir / 'init')}
+    if train.init_from:
+        weights['start'] = Path(train.init_from)
+    weights['pre-trained'] = trained
     log = [json.loads(line) for line in (trained.parent / 'log.txt').read_text().splitlines()]
 
     scores = {}
     for task_name, metadata in task_csvs.items():
         task = load_task(resolve_task(str(metadata), seconds=learning_corpus.TASKS[task_name][2]))
         row = {'log-mel': probe(logmel_embeddings(task), task, args.probe_seeds)}
-        for label, weight in (('random init', initial), ('pre-trained', trained)):
+        for label, weight in weights.items():
             emb, _ = task_embeddings(weight, task, cache_dir='', device='cpu')
             row[label] = probe(emb, task, args.probe_seeds)
         scores[task_name] = row
         print(f'  {task_name}: ' + ', '.join(f'{k} {v:.1f}' for k, v in row.items()), flush=True)
 
-    columns = ('log-mel', 'random init', 'pre-trained')
+    columns = ('log-mel', *weights)
     print(f'\nLinear-probe test accuracy (%), mean of {args.probe_seeds} probe seeds; run {args.name!r}')
     print(f'{"task":<12}' + ''.join(f'{c:>14}' for c in columns))
     for task_name, row in scores.items():
@@ -169,15 +182,16 @@ def main(argv=None) -> int:
           f'final loss {log[-1]["train_loss"]:.4f} after {log[-1]["epoch"]} epochs; {trained}')
     print(f'Flags: {" ".join(RECIPE + args.train)}')
 
-    results = work / 'results.csv'
+    results = work / 'scores.csv'
     new = not results.is_file()
     with open(results, 'a', newline='') as f:
         writer = csv.writer(f)
         if new:
-            writer.writerow(['name', 'flags', 'cpu_min', 'wall_min', 'final_loss', 'task', *columns])
+            writer.writerow(['name', 'flags', 'cpu_min', 'wall_min', 'final_loss', 'task', 'weights', 'score'])
         for task_name, row in scores.items():
-            writer.writerow([args.name, ' '.join(args.train), f'{cpu_min:.2f}', f'{wall_min:.2f}',
-                             f'{log[-1]["train_loss"]:.4f}', task_name, *(f'{row[c]:.2f}' for c in columns)])
+            for label, score in row.items():
+                writer.writerow([args.name, ' '.join(args.train), f'{cpu_min:.2f}', f'{wall_min:.2f}',
+                                 f'{log[-1]["train_loss"]:.4f}', task_name, label, f'{score:.2f}'])
     return 0
 
 
