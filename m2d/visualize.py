@@ -12,6 +12,14 @@ matplotlib.use('Agg')  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 
+def _save(fig: plt.Figure, path: Union[str, Path]) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 @torch.no_grad()
 def save_mask_figure(model: MaskedAutoencoderViT, lms: torch.Tensor, names: Sequence[str], mask_ratio: float,
                      path: Union[str, Path], seed: int = 0) -> Path:
@@ -40,11 +48,7 @@ def save_mask_figure(model: MaskedAutoencoderViT, lms: torch.Tensor, names: Sequ
             ax.set_title(f'{name}: {title}', fontsize=8)
             ax.axis('off')
     fig.suptitle(f'mask ratio {mask_ratio}, loss {float(loss):.4f}', fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_loss_curve(log_path: Union[str, Path], path: Union[str, Path]) -> Optional[Path]:
@@ -64,8 +68,4 @@ def save_loss_curve(log_path: Union[str, Path], path: Union[str, Path]) -> Optio
     lr_ax.plot(epochs, [r['train_lr'] for r in rows], color='tab:orange', alpha=0.7)
     lr_ax.set_ylabel('learning rate (end of epoch)', color='tab:orange')
     ax.set_title(f'{Path(log_path).parent.name}: loss {rows[-1]["train_loss"]:.4f} at epoch {epochs[-1]}', fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -29,6 +29,18 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp('ckpt'))
 
 
+@pytest.fixture(scope='module')
+def rt(tiny_ckpt):
+    """A RuntimeM2D of the tiny checkpoint, shared by a test module."""
+    from m2d.runtime_audio import RuntimeM2D
+    return RuntimeM2D(weight_file=str(tiny_ckpt))
+
+
+def lms_batch(batch: int, frames: int, seed: int = 0) -> torch.Tensor:
+    """Standard-normal LMS [batch, 1, 80, frames]."""
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((batch, 1, 80, frames)).astype(np.float32))
+
+
 @pytest.fixture
 def audio_batch() -> torch.Tensor:
     """Three 3-second clips at 16 kHz in [-1, 1]: [3, 48000]."""

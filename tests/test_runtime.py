@@ -8,22 +8,14 @@ import pytest
 import torch
 from einops import rearrange
 
-from conftest import make_checkpoint
+from conftest import lms_batch, make_checkpoint
+
 from m2d import encoder_inference
 from m2d.runtime_audio import RuntimeM2D
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 D, GRID_F, W, PT = 192, 5, 208, 16  # m2d_vit_tiny at 80x208, patch 16x16
-
-
-@pytest.fixture(scope='module')
-def rt(tiny_ckpt):
-    return RuntimeM2D(weight_file=str(tiny_ckpt))
-
-
-def lms_batch(batch: int, frames: int, seed: int = 0) -> torch.Tensor:
-    return torch.from_numpy(np.random.default_rng(seed).standard_normal((batch, 1, 80, frames)).astype(np.float32))
 
 
 def test_tiny_checkpoint_encodes_audio(rt, audio_batch):
