@@ -135,15 +135,21 @@ def test_task_head_freeze_embed_and_evar_style_cfg(tiny_ckpt):
     assert (cfg['mean'], cfg['std'], runtime.cfg.last_chunk) == (-5.0, 3.0, 'trim')
 
 
+def with_stored_stats(checkpoint: Path, folder: Path, stats: tuple[float, float]) -> Path:
+    """A copy of a checkpoint that stores norm_stats, in a later-format (p16k) folder."""
+    ckpt = torch.load(checkpoint)
+    ckpt['model']['norm_stats'] = torch.tensor(stats)
+    path = folder / 'm2d_vit_tiny-80x208p16x16p16k-240101' / 'checkpoint-1.pth'
+    path.parent.mkdir()
+    torch.save(ckpt, path)
+    return path
+
+
 def test_evaluator_uses_stored_stats(tiny_ckpt, tmp_path):
     from m2d.eval.embeddings import clip_loader, task_embeddings
     from m2d.eval.tasks import load_task, resolve_task
     from m2d.synth import write_labelled_task
-    ckpt = torch.load(tiny_ckpt)
-    ckpt['model']['norm_stats'] = torch.tensor([-6.0, 3.0])
-    path = tmp_path / 'm2d_vit_tiny-80x208p16x16p16k-240101' / 'checkpoint-1.pth'
-    path.parent.mkdir()
-    torch.save(ckpt, path)
+    path = with_stored_stats(tiny_ckpt, tmp_path, (-6.0, 3.0))
     task = load_task(resolve_task(str(write_labelled_task(tmp_path / 'task', n_per_class=(2, 1, 1), seconds=0.5))))
     emb, _ = task_embeddings(path, task, dataset_norm=True, batch_size=4, cache_dir='')
     runtime = RuntimeM2D(weight_file=str(path))
@@ -181,11 +187,7 @@ def test_unused_heads_are_reported_and_unknown_keys_fail(tiny_ckpt, tmp_path, ca
 def test_encode_files_with_stored_stats_does_not_depend_on_batching(tiny_ckpt, tmp_path):
     import soundfile as sf
     from m2d.encode_files import encode_files
-    ckpt = torch.load(tiny_ckpt)
-    ckpt['model']['norm_stats'] = torch.tensor([-6.0, 3.0])
-    path = tmp_path / 'm2d_vit_tiny-80x208p16x16p16k-240101' / 'checkpoint-1.pth'
-    path.parent.mkdir()
-    torch.save(ckpt, path)
+    path = with_stored_stats(tiny_ckpt, tmp_path, (-6.0, 3.0))
     (tmp_path / 'wav').mkdir()
     rng = np.random.default_rng(0)
     for i, seconds in enumerate((1.0, 2.3, 2.3, 3.7)):  # last chunks of different lengths are encoded apart
