@@ -44,7 +44,7 @@ from m2d.eval.lineareval import probe_task  # noqa: E402
 from m2d.eval.linear_probe import ProbeConfig  # noqa: E402
 from m2d.eval.tasks import TaskData, load_task, resolve_task  # noqa: E402
 from m2d.lms import LogMelSpectrogram  # noqa: E402
-from m2d.pretrain import build_model, parse_args, run_name, seed_everything  # noqa: E402
+from m2d.pretrain import initial_model, parse_args, run_name  # noqa: E402
 from m2d.wav_to_lms import convert_folder, write_file_list  # noqa: E402
 from util.atomic import save_atomic  # noqa: E402
 
@@ -91,12 +91,10 @@ def pretrain(flags: list[str], threads: int, log_path: Path) -> tuple[float, flo
 
 
 def save_random_init(flags: list[str], folder: Path) -> Path:
-    """The weights train_audio.py starts from with these flags, without --init_from (it seeds, then builds
-    the model)."""
+    """The weights train_audio.py starts from with these flags, before any --init_from."""
     args = parse_args(flags)
-    seed_everything(args.seed)
-    model = build_model(args)
-    return save_atomic({'model': model.state_dict(), 'args': args}, folder / run_name(args) / 'checkpoint-0.pth')
+    return save_atomic({'model': initial_model(args).state_dict(), 'args': args},
+                       folder / run_name(args) / 'checkpoint-0.pth')
 
 
 def logmel_embeddings(task: TaskData) -> np.ndarray:

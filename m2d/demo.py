@@ -2,10 +2,10 @@
 
 1. generate an unlabelled demo corpus of synthetic sound events (m2d.synth.write_corpus),
 2. convert it to log-mel spectrograms with wav_to_lms.py and list it in a CSV,
-3. pre-train a small M2D with train_audio.py,
+3. pre-train a small M2D with train_audio.py --preset small (the small-data recipe),
 4. encode audio with RuntimeM2D from the resulting checkpoint,
 5. linear-evaluate it on a labelled demo task (all_eval.sh, which train_audio.py runs at the end), next to
-   the same architecture with random weights.
+   the weights that pre-training started from (its random initialisation).
 
 Each step runs the command a user would type (printed before it runs). Everything goes below --out: the
 evaluator is pointed there by M2D_EVAL_DEMO (the demo task), M2D_EVAL_RESULTS (scores) and M2D_EVAL_CACHE.
@@ -26,8 +26,8 @@ from m2d.cli import run_tool
 from m2d.eval.embeddings import CACHE_ENV
 from m2d.eval.results import RESULTS_ENV, short_weight, summary_table
 from m2d.eval.tasks import DEMO_DIR_ENV
-from m2d.models_mae import create_model
-from m2d.runtime_audio import RuntimeM2D, parse_size
+from m2d.pretrain import PRESETS, initial_model, parse_args
+from m2d.runtime_audio import RuntimeM2D
 from m2d.synth import write_corpus
 from util.atomic import save_atomic
 
@@ -44,22 +44,22 @@ def python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def save_random_init(model: str, input_size: str, depth: int, decoder_depth: int, dst: Path) -> Path:
-    """An untrained checkpoint of the demo architecture, in a folder RuntimeM2D parses (the baseline)."""
-    torch.manual_seed(0)
-    net = create_model(model, img_size=parse_size(input_size), depth=depth, decoder_depth=decoder_depth)
-    return save_atomic({'model': net.state_dict()}, dst / f'{model}-{input_size}p16x16-random_init' / 'checkpoint-0.pth')
+def save_random_init(train: argparse.Namespace, dst: Path) -> Path:
+    """The weights the pre-training run started from (the baseline), with its args, so RuntimeM2D and the
+    evaluator read the model from the checkpoint."""
+    return save_atomic({'model': initial_model(train).state_dict(), 'args': train}, dst / 'checkpoint-0.pth')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--out', default='demo_run',
                         help='folder for everything the demo writes (a relative one is below the repository)')
     parser.add_argument('--n_files', type=int, default=800, help='clips in the unlabelled corpus')
-    parser.add_argument('--epochs', type=int, default=60, help='pre-training epochs')
-    parser.add_argument('--batch_size', type=int, default=32, help='pre-training batch size')
-    parser.add_argument('--depth', type=int, default=4, help='encoder blocks of the demo M2D (published: 12)')
-    parser.add_argument('--decoder_depth', type=int, default=2, help='decoder blocks of the demo M2D (published: 8)')
-    parser.add_argument('--blr', type=float, default=1e-2, help='base learning rate (lr = blr * batch / 256)')
+    for flag, kind, what in (('epochs', int, 'pre-training epochs'), ('batch_size', int, 'pre-training batch size'),
+                             ('depth', int, 'encoder blocks (published: 12)'),
+                             ('decoder_depth', int, 'decoder blocks (published: 8)'),
+                             ('blr', float, 'base learning rate (lr = blr * batch / 256)')):
+        parser.add_argument(f'--{flag}', type=kind, default=None, help=f"{what} (default: --preset small's, "
+                                                                       f"{PRESETS['small'][flag]})")
 
 
 def main(argv=None) -> int:
@@ -78,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> None:
     out = (REPO / args.out).resolve()  # an absolute --out stays as it is
-    model, input_size = 'm2d_vit_tiny', '80x208'
     results = out / 'results' / 'scores.csv'
     env = {DEMO_DIR_ENV: str(out / 'demo_task'), RESULTS_ENV: str(results), CACHE_ENV: str(out / 'eval_cache')}
     print('Evaluation outputs go below --out: ' + ' '.join(f'{k}={v}' for k, v in env.items()))
@@ -96,17 +95,16 @@ def demo(args: argparse.Namespace) -> None:
     for path in sorted((data / 'lms').rglob('*.npy'))[:2]:
         (vis / path.name).write_bytes(path.read_bytes())
 
-    print('\n[3/5] Pre-training a small M2D on CPU')
-    run_dir = out / 'runs' / f'{model}-{input_size}p16x16-demo'
-    run_step(python('train_audio.py', '--model', model, '--depth', str(args.depth),
-               '--decoder_depth', str(args.decoder_depth), '--input_size', input_size,
-               '--batch_size', str(args.batch_size), '--epochs', str(args.epochs),
-               '--warmup_epochs', str(max(1, args.epochs // 10)), '--save_freq', str(args.epochs),
-               '--eval_after', str(args.epochs + 1), '--blr', str(args.blr),
-               # A run of a few hundred steps needs a target network that moves (published: 0.99995 -> 0.99999).
-               '--ema_decay_init', '0.995', '--ema_decay', '0.999', '--device', 'cpu', '--num_workers', '1',
-               '--data_path', str(data), '--dataset', str(data / 'files_demo.csv'), '--output_dir', str(run_dir)), env)
-    checkpoint = run_dir / f'checkpoint-{args.epochs}.pth'
+    print('\n[3/5] Pre-training a small M2D on CPU (--preset small, the small-data recipe)')
+    run_dir = out / 'runs' / 'm2d_vit_tiny-80x208p16x16-demo'
+    overrides = [f'--{k}={v}' for k in ('epochs', 'batch_size', 'depth', 'decoder_depth', 'blr')
+                 if (v := getattr(args, k)) is not None]
+    flags = ['--preset', 'small', *overrides, '--device', 'cpu', '--data_path', str(data),
+             '--dataset', str(data / 'files_demo.csv'), '--output_dir', str(run_dir)]
+    train = parse_args(flags)
+    flags += ['--save_freq', str(train.epochs), '--eval_after', str(train.epochs + 1)]
+    run_step(python('train_audio.py', *flags), env)
+    checkpoint = run_dir / f'checkpoint-{train.epochs}.pth'
 
     print('\n[4/5] Encoding audio with RuntimeM2D from the checkpoint')
     runtime = RuntimeM2D(weight_file=str(checkpoint))
@@ -118,8 +116,8 @@ def demo(args: argparse.Namespace) -> None:
           f'clip embedding {list(frames.mean(dim=1).shape)}')
 
     print('\n[5/5] Linear evaluation on the demo task: the pre-trained checkpoint was evaluated by all_eval.sh '
-          'above; now the same architecture with random weights')
-    baseline = save_random_init(model, input_size, args.depth, args.decoder_depth, out / 'runs')
+          'above; now the weights pre-training started from')
+    baseline = save_random_init(parse_args(flags), out / 'runs' / 'm2d_vit_tiny-80x208p16x16-random_init')
     run_step(python('-m', 'm2d.eval', 'lineareval', str(baseline), 'demo'), env)
     scores = summary_table(results, weights=[str(checkpoint), str(baseline)])['demo']
     trained, untrained = scores[short_weight(str(checkpoint))], scores[short_weight(str(baseline))]
@@ -127,7 +125,7 @@ def demo(args: argparse.Namespace) -> None:
     print(f'  corpus {out / "audio"}, LMS {data / "lms"}, file list {data / "files_demo.csv"}')
     print(f'  pre-training run {run_dir} (checkpoint, log.txt, console.txt, TensorBoard, mask pictures)')
     print(f'  demo task {out / "demo_task"}, scores {results}')
-    print(f'Linear-evaluation accuracy on the demo task (8 classes, chance 12.5%; {model}, {args.depth} blocks):')
+    print(f'Linear-evaluation accuracy on the demo task (8 classes, chance 12.5%; {train.model}, {train.depth} blocks):')
     print(f'  pre-trained M2D : {trained:.1f}%')
     print(f'  random weights  : {untrained:.1f}%')
 

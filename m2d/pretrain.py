@@ -446,6 +446,13 @@ def build_model(args: argparse.Namespace) -> MaskedAutoencoderViT:
     return create_model(args.model, **kwargs)
 
 
+def initial_model(args: argparse.Namespace) -> MaskedAutoencoderViT:
+    """The model a run starts from before --init_from or --resume: built right after seeding with
+    --seed, so every rank, and a random-weights baseline made from the same args, has the same weights."""
+    seed_everything(args.seed)
+    return build_model(args)
+
+
 def build_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (0.9, 0.95) or SGD; no weight decay on biases and 1-D parameters (timm's rule)."""
     groups = param_groups_weight_decay(model, args.weight_decay)
@@ -603,8 +610,7 @@ def background_noise(args: argparse.Namespace, files: list[str]) -> Optional[Bac
 
 def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> RunResult:
     # The same initial weights on every rank (DDP broadcasts them anyway); then per-rank streams.
-    seed_everything(args.seed)
-    raw_model = build_model(args).to(device)
+    raw_model = initial_model(args).to(device)
     seed_everything(args.seed + info.rank)
 
     dataset = SpectrogramDataset(files, args.data_path, args.input_size[1], args.norm_stats,
