@@ -155,11 +155,16 @@ def short_conf(args: argparse.Namespace) -> str:
     return 'mr' + f'{args.mask_ratio:g}'.split('.')[-1]
 
 
+def model_tag(args: argparse.Namespace) -> str:
+    """e.g. m2d_vit_base-80x608p16x16: the model, input size and patch size part of a run-folder name."""
+    (F, T), (pf, pt) = args.input_size, args.patch_size
+    return f'{args.model}-{F}x{T}p{pf}x{pt}'
+
+
 def run_name(args: argparse.Namespace, date: Optional[datetime.date] = None) -> str:
     """e.g. m2d_vit_base-80x608p16x16-220930-mr7 (the published run-folder name)."""
-    (F, T), (pf, pt) = args.input_size, args.patch_size
     date = date or datetime.date.today()
-    return f'{args.model}-{F}x{T}p{pf}x{pt}-{date:%y%m%d}-{short_conf(args)}'
+    return f'{model_tag(args)}-{date:%y%m%d}-{short_conf(args)}'
 
 
 # ----- state-dict layouts ----------------------------------------------------------------------------

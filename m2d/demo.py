@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from m2d.audio_io import load_audio
+from m2d.checkpoint import model_tag
 from m2d.cli import run_tool
 from m2d.eval.embeddings import CACHE_ENV
 from m2d.eval.results import RESULTS_ENV, short_weight, summary_table
@@ -96,11 +97,12 @@ def demo(args: argparse.Namespace) -> None:
         (vis / path.name).write_bytes(path.read_bytes())
 
     print('\n[3/5] Pre-training a small M2D on CPU (--preset small, the small-data recipe)')
-    run_dir = out / 'runs' / 'm2d_vit_tiny-80x208p16x16-demo'
     overrides = [f'--{k}={v}' for k in ('epochs', 'batch_size', 'depth', 'decoder_depth', 'blr')
                  if (v := getattr(args, k)) is not None]
     flags = ['--preset', 'small', *overrides, '--device', 'cpu', '--data_path', str(data),
-             '--dataset', str(data / 'files_demo.csv'), '--output_dir', str(run_dir)]
+             '--dataset', str(data / 'files_demo.csv')]
+    run_dir = out / 'runs' / f'{model_tag(parse_args(flags))}-demo'
+    flags += ['--output_dir', str(run_dir)]
     train = parse_args(flags)
     flags += ['--save_freq', str(train.epochs), '--eval_after', str(train.epochs + 1)]
     run_step(python('train_audio.py', *flags), env)
@@ -117,7 +119,7 @@ def demo(args: argparse.Namespace) -> None:
 
     print('\n[5/5] Linear evaluation on the demo task: the pre-trained checkpoint was evaluated by all_eval.sh '
           'above; now the weights pre-training started from')
-    baseline = save_random_init(parse_args(flags), out / 'runs' / 'm2d_vit_tiny-80x208p16x16-random_init')
+    baseline = save_random_init(train, out / 'runs' / f'{model_tag(train)}-random_init')
     run_step(python('-m', 'm2d.eval', 'lineareval', str(baseline), 'demo'), env)
     scores = summary_table(results, weights=[str(checkpoint), str(baseline)])['demo']
     trained, untrained = scores[short_weight(str(checkpoint))], scores[short_weight(str(baseline))]

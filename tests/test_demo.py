@@ -2,7 +2,9 @@
 import pandas as pd
 import torch
 
+from m2d.checkpoint import model_tag
 from m2d.demo import main
+from m2d.pretrain import parse_args
 from m2d.runtime_audio import RuntimeM2D
 
 
@@ -11,7 +13,8 @@ def test_demo_runs_end_to_end_below_out(tmp_path, capfd):
                  '--decoder_depth', '1']) == 0
     printed = capfd.readouterr().out
 
-    checkpoint = tmp_path / 'runs' / 'm2d_vit_tiny-80x208p16x16-demo' / 'checkpoint-2.pth'
+    tag = model_tag(parse_args(['--preset', 'small']))  # the run folders are named after the recipe's model
+    checkpoint = tmp_path / 'runs' / f'{tag}-demo' / 'checkpoint-2.pth'
     assert len(list((tmp_path / 'data' / 'lms').rglob('*.npy'))) == 24
     assert (checkpoint.parent / 'vis-2.png').is_file() and (checkpoint.parent / 'log.txt').is_file()
     features = RuntimeM2D(weight_file=str(checkpoint)).encode(torch.zeros(1, 16000).uniform_(-1, 1))
@@ -19,8 +22,8 @@ def test_demo_runs_end_to_end_below_out(tmp_path, capfd):
 
     # Both evaluations land in the demo's own results file, on the demo task generated below --out.
     scores = pd.read_csv(tmp_path / 'results' / 'scores.csv')
-    assert sorted(scores.weight) == sorted([str(checkpoint), str(tmp_path / 'runs' / 'm2d_vit_tiny-80x208p16x16-random_init'
-                                                                  / 'checkpoint-0.pth')])
+    baseline = tmp_path / 'runs' / f'{tag}-random_init' / 'checkpoint-0.pth'
+    assert sorted(scores.weight) == sorted([str(checkpoint), str(baseline)])
     assert (scores.task == 'demo').all() and scores.score.between(0, 1).all()
     assert (tmp_path / 'demo_task' / 'metadata.csv').is_file()
     for score in scores.score:
