@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -406,15 +407,26 @@ def test_defaults_fit_a_small_dataset_on_a_laptop(lms_data, tmp_path, monkeypatc
         torch.set_num_threads(before)
 
 
-def test_idle_cores_follow_the_load(monkeypatch):
+def test_idle_cores_are_the_usable_ones_not_kept_busy(monkeypatch):
     import util.cpu
     monkeypatch.setattr(util.cpu, 'usable_cores', lambda: 2)
-    monkeypatch.setattr(util.cpu.os, 'getloadavg', lambda: (1.9, 0.0, 0.0))
-    assert util.cpu.idle_cores() == 1
-    monkeypatch.setattr(util.cpu.os, 'getloadavg', lambda: (0.2, 0.0, 0.0))
-    assert util.cpu.idle_cores() == 2
-    monkeypatch.setattr(util.cpu.os, 'getloadavg', lambda: (7.0, 0.0, 0.0))
-    assert util.cpu.idle_cores() == 1
+    for busy, idle in ((1.9, 1), (0.2, 2), (7.0, 1), (1.4, 1), (1.6, 1), (0.6, 1), (0.4, 2)):
+        monkeypatch.setattr(util.cpu, 'busy_cores', lambda: busy)
+        assert util.cpu.idle_cores() == idle, busy
+
+
+def test_busy_cores_sees_a_process_spinning_now():
+    """Measured over the interval, not the last minute: a spinning child counts as (nearly) one busy core."""
+    import util.cpu
+    if util.cpu.cpu_times() is None:
+        pytest.skip('needs /proc/stat (Linux)')
+    spinner = subprocess.Popen([sys.executable, '-c', 'while True: pass'])
+    try:
+        time.sleep(0.3)
+        assert util.cpu.busy_cores(0.5) >= 0.8
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_preset_fills_only_the_flags_not_given():
