@@ -25,10 +25,12 @@ import csv
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -52,16 +54,19 @@ from util.atomic import save_atomic  # noqa: E402
 RECIPE = ['--preset', 'small']
 
 
-def prepare_data(work: Path, n_files: int, seed: int, kinds: list[str]) -> tuple[Path, Path, dict[str, Path]]:
+def prepare_data(work: Path, n_files: int, seed: int, kinds: list[str],
+                 task_clips: Optional[int] = None) -> tuple[Path, Path, dict[str, Path]]:
     """Corpus -> LMS files (once) and the CSV of the `kinds` of clips to pre-train on (all when empty).
     -> (data folder, CSV, {task: metadata.csv})."""
-    corpus, tasks = learning_corpus.build(work, n_files, seed)
-    data = work / 'data'
-    if not (data / 'files.csv').is_file():
+    corpus, tasks = learning_corpus.build(work, n_files, seed, task_clips)
+    data, built_from, converted = work / 'data', (work / 'DONE').read_text(), work / 'data' / 'DONE'
+    if not (converted.is_file() and converted.read_text() == built_from):
+        shutil.rmtree(data, ignore_errors=True)  # LMS of an earlier corpus
         report = convert_folder(corpus, data / 'lms', progress=False)
         if report.failed:
             raise SystemExit(f'error: {len(report.failed)} corpus files failed to convert:\n{report.summary()}')
         write_file_list(data / 'lms', data / 'files.csv', data_path=data)
+        converted.write_text(built_from)
     if not kinds:
         return data, data / 'files.csv', tasks
     csv_path = data / f'files-{"-".join(kinds)}.csv'
@@ -122,6 +127,8 @@ def main(argv=None) -> int:
     p.add_argument('--work', default=str(REPO / 'work' / 'bench_learning'), help='corpus, runs and results')
     p.add_argument('--name', default='recipe', help='run name (folder below <work>/runs and results row)')
     p.add_argument('--n_files', type=int, default=1000, help='clips in the pre-training corpus')
+    p.add_argument('--task_clips', type=int, default=None,
+                   help='clips per class in each probe task (default: 60 digits, 80 language, 60 instrument)')
     p.add_argument('--seed', type=int, default=0, help='corpus and training seed')
     p.add_argument('--threads', type=int, default=1, help='torch threads for training and probing')
     p.add_argument('--probe_seeds', type=int, default=3, help='linear probes per embedding set (averaged)')
@@ -138,7 +145,7 @@ def main(argv=None) -> int:
     os.environ.setdefault('TQDM_DISABLE', '1')  # the evaluator's progress bars would drown the table
     work = Path(args.work).resolve()
     data, csv_path, task_csvs = prepare_data(work, args.n_files, args.seed,
-                                             [k for k in args.corpus_kinds.split(',') if k])
+                                             [k for k in args.corpus_kinds.split(',') if k], args.task_clips)
 
     run_dir = work / 'runs' / args.name
     flags = train_args(args, data, csv_path, run_dir / 'trained')

@@ -265,11 +265,12 @@ TASKS: dict[str, tuple[tuple[str, ...], int, float]] = {  # name: (classes, clip
 }
 
 
-def write_tasks(root: Path, seed: int = 0) -> dict[str, Path]:
-    """The labelled probe tasks below root/<task>/ (audio/ and metadata.csv with file_name, label, split).
-    Returns {task: metadata path}."""
+def write_tasks(root: Path, seed: int = 0, clips_per_class: Optional[int] = None) -> dict[str, Path]:
+    """The labelled probe tasks below root/<task>/ (audio/ and metadata.csv with file_name, label, split),
+    with TASKS' clips per class unless `clips_per_class` is given. Returns {task: metadata path}."""
     out = {}
     for t, (name, (classes, per_class, seconds)) in enumerate(TASKS.items()):
+        per_class = clips_per_class or per_class
         rng = np.random.default_rng([seed, 100 + t])
         labels = [c for c in classes for _ in range(per_class)]
         child = [np.random.default_rng([seed, 100 + t, i]) for i in range(len(labels))]
@@ -305,10 +306,11 @@ def _stratified_splits(labels: list[str], rng: np.random.Generator) -> list[str]
     return splits
 
 
-def build(root: Path, n_files: int = 1000, seed: int = 0, log: Callable[[str], None] = print) -> tuple[Path, dict]:
+def build(root: Path, n_files: int = 1000, seed: int = 0, clips_per_class: Optional[int] = None,
+          log: Callable[[str], None] = print) -> tuple[Path, dict]:
     """The corpus (root/corpus) and tasks (root/tasks), built once: a finished build leaves
     root/DONE holding its settings, and a build with other settings starts over."""
-    stamp = f'n_files={n_files} seed={seed}\n'
+    stamp = f'n_files={n_files} seed={seed}' + (f' clips_per_class={clips_per_class}' if clips_per_class else '') + '\n'
     done = root / 'DONE'
     tasks = {name: root / 'tasks' / name / 'metadata.csv' for name in TASKS}
     if done.is_file() and done.read_text() == stamp:
@@ -317,6 +319,6 @@ def build(root: Path, n_files: int = 1000, seed: int = 0, log: Callable[[str], N
         shutil.rmtree(root / sub, ignore_errors=True)
     log(f'Building the corpus ({n_files} clips) and the probe tasks in {root} ...')
     write_corpus(root / 'corpus', n_files, seed)
-    write_tasks(root / 'tasks', seed)
+    write_tasks(root / 'tasks', seed, clips_per_class)
     done.write_text(stamp)
     return root / 'corpus', tasks

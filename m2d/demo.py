@@ -125,7 +125,7 @@ def demo(args: argparse.Namespace) -> None:
     trained, untrained = scores[short_weight(str(checkpoint))], scores[short_weight(str(baseline))]
     print(f'\nDemo finished in {(time.time() - started) / 60:.1f} min. Outputs:')
     print(f'  corpus {out / "audio"}, LMS {data / "lms"}, file list {data / "files_demo.csv"}')
-    print(f'  pre-training run {run_dir} (checkpoint, log.txt, console.txt, TensorBoard, mask pictures)')
+    print(f'  pre-training run {run_dir} (checkpoint, log.txt, console.txt, TensorBoard, loss curve, mask pictures)')
     print(f'  demo task {out / "demo_task"}, scores {results}')
     print(f'Linear-evaluation accuracy on the demo task (8 classes, chance 12.5%; {train.model}, {train.depth} blocks):')
     print(f'  pre-trained M2D : {trained:.1f}%')
