@@ -1,4 +1,5 @@
 """Shared fixtures: tiny layout-faithful checkpoints and short audio, so tests run in seconds on CPU."""
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,9 @@ def make_lms_dataset(root: Path, lengths=(150, 96, 60, 300) * 4, n_mels: int = 8
 def lms_data(tmp_path) -> Path:
     """A small pre-training data folder (16 LMS files of 60-300 frames, files.csv, vis_samples)."""
     return make_lms_dataset(tmp_path / 'data')
+
+
+def sigint_as_in_a_terminal() -> None:
+    """Popen preexec_fn for the Ctrl-C tests: SIGINT's default action, as in a terminal. A test run
+    started in the background inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

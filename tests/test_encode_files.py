@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import make_checkpoint
+from conftest import make_checkpoint, sigint_as_in_a_terminal
 
 from m2d.__main__ import main
 from m2d.audio_io import load_audio
@@ -192,7 +192,8 @@ def test_ctrl_c_says_how_far_it_got_and_a_rerun_continues(tiny_ckpt, tmp_path):
     cmd = [sys.executable, '-c', slowed, 'encode', str(tiny_ckpt), str(tmp_path / 'in'), str(tmp_path / 'out'),
            '--batch_size', '1', '--device', 'cpu']
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
+                            preexec_fn=sigint_as_in_a_terminal)
     deadline = time.monotonic() + 120
     while not list((tmp_path / 'out').glob('*.npy')) and time.monotonic() < deadline:
         time.sleep(0.05)

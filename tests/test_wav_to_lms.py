@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+from conftest import sigint_as_in_a_terminal
 
 from m2d.audio_io import AudioReadError, load_audio, mix_to_mono
 from m2d.lms import EPS, LogMelSpectrogram
@@ -267,7 +268,8 @@ def test_ctrl_c_stops_the_workers_with_one_line(corpus, tmp_path):
     (tmp_path / 'list.txt').write_text('a.wav\nb.wav\nz_blocks.wav\n')
     cmd = [sys.executable, str(ROOT / 'wav_to_lms.py'), str(src), str(tmp_path / 'lms'), '--workers', '2',
            '--files', str(tmp_path / 'list.txt')]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=sigint_as_in_a_terminal)
     deadline = time.monotonic() + 120
     while len(_npy_files(tmp_path / 'lms')) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
