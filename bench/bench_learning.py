@@ -77,7 +77,7 @@ def prepare_data(work: Path, n_files: int, seed: int, kinds: list[str],
 def train_args(args: argparse.Namespace, data: Path, csv_path: Path, out: Path) -> list[str]:
     return ['--device', 'cpu', '--num_workers', '0', '--data_path', str(data), '--dataset', str(csv_path),
             '--seed', str(args.seed), '--output_dir', str(out), '--eval_scripts', str(out / 'no_eval'),
-            '--print_freq', '1000', *RECIPE, *args.train]
+            '--print_freq', '1000', '--threads', str(args.threads), *RECIPE, *args.train]
 
 
 def pretrain(flags: list[str], threads: int, log_path: Path) -> tuple[float, float]:

@@ -138,8 +138,8 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     p.add_argument('--log_dir', default='', type=str, help='TensorBoard folder (default: the run folder)')
     p.add_argument('--device', default='auto', type=str, help="'cuda', 'cpu', or 'auto': cuda if available, else cpu")
     p.add_argument('--threads', default=0, type=int,
-                   help='torch threads per process (0: on the CPU, the cores that other processes leave idle; '
-                        "on CUDA, torch's default)")
+                   help='torch threads per process (0: torch\'s default when OMP_NUM_THREADS is set or on CUDA, '
+                        'else the cores that other processes leave idle)')
     p.add_argument('--seed', default=0, type=int, help='seed of the weights, data order, crops and masks')
     p.add_argument('--resume', default='', type=str,
                    help="checkpoint to continue from; its stored args fill every flag not given on the command line")
@@ -431,7 +431,9 @@ def resolve_resources(args: argparse.Namespace, info: distutil.DistInfo, device:
     if args.num_workers is None:
         # On the CPU, worker processes would take cores from the compute threads.
         args.num_workers = 0 if device.type == 'cpu' else min(PUBLISHED_NUM_WORKERS, usable_cores() // local_processes)
-    threads = args.threads or (max(1, idle_cores() // local_processes) if device.type == 'cpu' else 0)
+    # Auto: the idle cores on the CPU, unless the user set OMP_NUM_THREADS (torch's default follows it).
+    auto_idle = device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ
+    threads = args.threads or (max(1, idle_cores() // local_processes) if auto_idle else 0)
     if threads:
         torch.set_num_threads(threads)
     print_fn(f'Batch {args.batch_size} per process, {args.num_workers} DataLoader workers, '

@@ -387,6 +387,7 @@ def test_defaults_fit_a_small_dataset_on_a_laptop(lms_data, tmp_path, monkeypatc
     the batch shrinks to the 16 files, no worker processes on the CPU, threads follow the idle cores."""
     import m2d.pretrain as pretrain
     monkeypatch.setattr(pretrain, 'idle_cores', lambda: 1)
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     before = torch.get_num_threads()
     try:
         argv = [a for a in tiny_argv(lms_data, tmp_path / 'run') if a not in ('--batch_size', '8', '--num_workers', '0',
@@ -402,6 +403,11 @@ def test_defaults_fit_a_small_dataset_on_a_laptop(lms_data, tmp_path, monkeypatc
         with pytest.raises(pretrain.UsageError, match='16 files are too few for one batch of 512'):
             run([*argv, '--batch_size', '512'])  # the published default stays reachable, and explicit
         run([*argv, '--epochs', '1', '--depth', '1', '--threads', '2', '--output_dir', str(tmp_path / 'run2')])
+        assert torch.get_num_threads() == 2
+        # A user's OMP_NUM_THREADS wins over the idle-core count (torch's thread count stays as it set it).
+        monkeypatch.setenv('OMP_NUM_THREADS', '2')
+        monkeypatch.setattr(pretrain, 'idle_cores', lambda: pytest.fail('idle cores measured despite OMP_NUM_THREADS'))
+        run([*argv, '--epochs', '1', '--depth', '1', '--output_dir', str(tmp_path / 'run3')])
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
