@@ -78,7 +78,10 @@ def test_crafted_checkpoint_is_refused_on_every_load_path(crafted, tmp_path, cap
     data = make_lms_dataset(tmp_path / 'data')
     assert cli(argv=['--resume', str(path), '--data_path', str(data), '--dataset', str(data / 'files.csv')]) == 2
     assert 'error: --resume: refused to load' in one_line_error(capsys.readouterr().err)
-    assert not marker.exists()
+    assert cli(argv=['--init_from', str(path), '--data_path', str(data), '--dataset', str(data / 'files.csv'),
+                     '--output_dir', str(tmp_path / 'further')]) == 2
+    assert 'error: --init_from: refused to load' in one_line_error(capsys.readouterr().err)
+    assert not marker.exists() and not (tmp_path / 'further').exists()
 
 
 def test_trust_checkpoint_is_the_opt_in(tiny_ckpt, tmp_path, capsys):
