@@ -46,9 +46,8 @@ from m2d.eval.lineareval import probe_task  # noqa: E402
 from m2d.eval.linear_probe import ProbeConfig  # noqa: E402
 from m2d.eval.tasks import TaskData, load_task, resolve_task  # noqa: E402
 from m2d.lms import LogMelSpectrogram  # noqa: E402
-from m2d.pretrain import initial_model, parse_args, run_name  # noqa: E402
+from m2d.pretrain import parse_args, run_name, save_initial_checkpoint  # noqa: E402
 from m2d.wav_to_lms import convert_folder, write_file_list  # noqa: E402
-from util.atomic import save_atomic  # noqa: E402
 
 # The recipe under test (train_audio.py flags); arguments after -- are appended and win.
 RECIPE = ['--preset', 'small']
@@ -93,13 +92,6 @@ def pretrain(flags: list[str], threads: int, log_path: Path) -> tuple[float, flo
         raise SystemExit(f'error: train_audio.py failed (exit {proc.returncode}); see {log_path}')
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return cpu / 60, (time.time() - t0) / 60
-
-
-def save_random_init(flags: list[str], folder: Path) -> Path:
-    """The weights train_audio.py starts from with these flags, before any --init_from."""
-    args = parse_args(flags)
-    return save_atomic({'model': initial_model(args).state_dict(), 'args': args},
-                       folder / run_name(args) / 'checkpoint-0.pth')
 
 
 def logmel_embeddings(task: TaskData) -> np.ndarray:
@@ -160,7 +152,8 @@ def main(argv=None) -> int:
         checkpoints = sorted((run_dir / 'trained' / name).glob('checkpoint-*.pth'),
                              key=lambda p: int(p.stem.split('-')[1]))
     trained = checkpoints[-1]
-    weights = {'random init': save_random_init(flags, run_dir / 'init')}
+    # The weights train_audio.py starts from with these flags, before any --init_from.
+    weights = {'random init': save_initial_checkpoint(train, run_dir / 'init' / name / 'checkpoint-0.pth')}
     if train.init_from:
         weights['start'] = Path(train.init_from)
     weights['pre-trained'] = trained

@@ -27,10 +27,9 @@ from m2d.cli import run_tool
 from m2d.eval.embeddings import CACHE_ENV
 from m2d.eval.results import RESULTS_ENV, short_weight, summary_table
 from m2d.eval.tasks import DEMO_DIR_ENV
-from m2d.pretrain import PRESETS, initial_model, parse_args
+from m2d.pretrain import PRESETS, parse_args, save_initial_checkpoint
 from m2d.runtime_audio import RuntimeM2D
 from m2d.synth import write_corpus
-from util.atomic import save_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,12 +42,6 @@ def run_step(cmd: list[str], env: dict[str, str]) -> None:
 
 def python(*args: str) -> list[str]:
     return [sys.executable, *args]
-
-
-def save_random_init(train: argparse.Namespace, dst: Path) -> Path:
-    """The weights the pre-training run started from (the baseline), with its args, so RuntimeM2D and the
-    evaluator read the model from the checkpoint."""
-    return save_atomic({'model': initial_model(train).state_dict(), 'args': train}, dst / 'checkpoint-0.pth')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,10 +94,9 @@ def demo(args: argparse.Namespace) -> None:
                  if (v := getattr(args, k)) is not None]
     flags = ['--preset', 'small', *overrides, '--device', 'cpu', '--data_path', str(data),
              '--dataset', str(data / 'files_demo.csv')]
-    run_dir = out / 'runs' / f'{model_tag(parse_args(flags))}-demo'
-    flags += ['--output_dir', str(run_dir)]
-    train = parse_args(flags)
-    flags += ['--save_freq', str(train.epochs), '--eval_after', str(train.epochs + 1)]
+    train = parse_args(flags)  # the recipe's values, for the folder name and the baseline below
+    run_dir = out / 'runs' / f'{model_tag(train)}-demo'
+    flags += ['--output_dir', str(run_dir), '--save_freq', str(train.epochs), '--eval_after', str(train.epochs + 1)]
     run_step(python('train_audio.py', *flags), env)
     checkpoint = run_dir / f'checkpoint-{train.epochs}.pth'
 
@@ -119,13 +111,14 @@ def demo(args: argparse.Namespace) -> None:
 
     print('\n[5/5] Linear evaluation on the demo task: the pre-trained checkpoint was evaluated by all_eval.sh '
           'above; now the weights pre-training started from')
-    baseline = save_random_init(train, out / 'runs' / f'{model_tag(train)}-random_init')
+    baseline = save_initial_checkpoint(train, out / 'runs' / f'{model_tag(train)}-random_init' / 'checkpoint-0.pth')
     run_step(python('-m', 'm2d.eval', 'lineareval', str(baseline), 'demo'), env)
     scores = summary_table(results, weights=[str(checkpoint), str(baseline)])['demo']
     trained, untrained = scores[short_weight(str(checkpoint))], scores[short_weight(str(baseline))]
     print(f'\nDemo finished in {(time.time() - started) / 60:.1f} min. Outputs:')
     print(f'  corpus {out / "audio"}, LMS {data / "lms"}, file list {data / "files_demo.csv"}')
-    print(f'  pre-training run {run_dir} (checkpoint, log.txt, console.txt, TensorBoard, loss curve, mask pictures)')
+    print(f'  pre-training run {run_dir} '
+          '(checkpoint, log.txt, console.txt, TensorBoard, loss curve, mask pictures)')
     print(f'  demo task {out / "demo_task"}, scores {results}')
     print(f'Linear-evaluation accuracy on the demo task (8 classes, chance 12.5%; {train.model}, {train.depth} blocks):')
     print(f'  pre-trained M2D : {trained:.1f}%')

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from util import dist as distutil
-from util.atomic import open_atomic, remove_stale_temp_files
+from util.atomic import open_atomic, remove_stale_temp_files, save_atomic
 from util.cpu import idle_cores, usable_cores
 from util.schedules import scaled_lr
 
@@ -455,6 +455,12 @@ def initial_model(args: argparse.Namespace) -> MaskedAutoencoderViT:
     --seed, so every rank, and a random-weights baseline made from the same args, has the same weights."""
     seed_everything(args.seed)
     return build_model(args)
+
+
+def save_initial_checkpoint(args: argparse.Namespace, path: Path) -> Path:
+    """The weights a run with `args` starts from, with the args, as a checkpoint RuntimeM2D and the
+    evaluator read (a random-initialisation baseline)."""
+    return save_atomic({'model': initial_model(args).state_dict(), 'args': args}, path)
 
 
 def build_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:

@@ -368,7 +368,8 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(lms_data, tmp_path):
     out = tmp_path / 'run'
     argv = tiny_argv(lms_data, out, '--epochs', '1000', '--print_freq', '100')
     proc = subprocess.Popen([sys.executable, str(REPO / 'train_audio.py'), *argv], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=sigint_as_in_a_terminal,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=sigint_as_in_a_terminal,
                             env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'})
     for line in proc.stdout:  # wait until a checkpoint exists, then press Ctrl-C (SIGINT to the process group)
         if line.startswith('Saved'):
