@@ -1,5 +1,7 @@
 """Shared fixtures: tiny layout-faithful checkpoints and short audio, so tests run in seconds on CPU."""
+import os
 import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +85,24 @@ def lms_data(tmp_path) -> Path:
     return make_lms_dataset(tmp_path / 'data')
 
 
-def sigint_as_in_a_terminal() -> None:
-    """Popen preexec_fn for the Ctrl-C tests: SIGINT's default action, as in a terminal. A test run
-    started in the background inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+def _sigint_as_in_a_terminal() -> None:
+    # A test run started in the background inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child SIGINT's default action, as in a terminal.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_as_in_a_terminal(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """Start `cmd` in its own process group, with Ctrl-C (SIGINT) acting as in a terminal; text mode."""
+    return subprocess.Popen(cmd, text=True, start_new_session=True, preexec_fn=_sigint_as_in_a_terminal, **kwargs)
+
+
+def press_ctrl_c(proc: subprocess.Popen, timeout: float) -> str:
+    """SIGINT to the whole process group (what Ctrl-C in a terminal does); -> its stderr once it exits.
+    A group still running after `timeout` s is killed, so a failing test leaves no processes behind."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise

@@ -1,7 +1,6 @@
 """`python -m m2d encode` / m2d.encode_files: audio files -> .npy embeddings."""
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import make_checkpoint, sigint_as_in_a_terminal
+from conftest import make_checkpoint, press_ctrl_c, start_as_in_a_terminal
 
 from m2d.__main__ import main
 from m2d.audio_io import load_audio
@@ -192,13 +191,11 @@ def test_ctrl_c_says_how_far_it_got_and_a_rerun_continues(tiny_ckpt, tmp_path):
     cmd = [sys.executable, '-c', slowed, 'encode', str(tiny_ckpt), str(tmp_path / 'in'), str(tmp_path / 'out'),
            '--batch_size', '1', '--device', 'cpu']
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
-                            preexec_fn=sigint_as_in_a_terminal)
+    proc = start_as_in_a_terminal(cmd, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 120
     while not list((tmp_path / 'out').glob('*.npy')) and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    err = press_ctrl_c(proc, timeout=60)
     assert proc.returncode == 130, err
     done = len(list((tmp_path / 'out').glob('*.npy')))
     assert 1 <= done < 6 and 'Traceback' not in err

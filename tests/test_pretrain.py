@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_checkpoint, make_lms_dataset, sigint_as_in_a_terminal
+from conftest import make_checkpoint, make_lms_dataset, press_ctrl_c, start_as_in_a_terminal
 
 from m2d.engine_pretrain import Precision, Schedule, optimizer_step
 from m2d.models_mae import M2DViT
@@ -367,15 +366,13 @@ def test_resume_after_a_hard_kill_cleans_up_and_rewrites_the_log(lms_data, tmp_p
 def test_ctrl_c_names_the_checkpoint_to_resume_from(lms_data, tmp_path):
     out = tmp_path / 'run'
     argv = tiny_argv(lms_data, out, '--epochs', '1000', '--print_freq', '100')
-    proc = subprocess.Popen([sys.executable, str(REPO / 'train_audio.py'), *argv], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=sigint_as_in_a_terminal,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'})
-    for line in proc.stdout:  # wait until a checkpoint exists, then press Ctrl-C (SIGINT to the process group)
+    proc = start_as_in_a_terminal([sys.executable, str(REPO / 'train_audio.py'), *argv], cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'})
+    for line in proc.stdout:  # wait until a checkpoint exists, then press Ctrl-C
         if line.startswith('Saved'):
             break
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    err = press_ctrl_c(proc, timeout=120)
     assert proc.returncode == 130, err
     assert len(err.splitlines()) == 1 and err.startswith('interrupted; in epoch ') and 'Traceback' not in err
     last = re.search(r'--resume (\S+) to continue', err).group(1)

@@ -1,7 +1,6 @@
 """wav_to_lms: bit-exact librosa loading, folder conversion, skipping, failure reports, CLI rules, file list."""
 import errno
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -13,7 +12,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import sigint_as_in_a_terminal
+from conftest import press_ctrl_c, start_as_in_a_terminal
 
 from m2d.audio_io import AudioReadError, load_audio, mix_to_mono
 from m2d.lms import EPS, LogMelSpectrogram
@@ -268,13 +267,11 @@ def test_ctrl_c_stops_the_workers_with_one_line(corpus, tmp_path):
     (tmp_path / 'list.txt').write_text('a.wav\nb.wav\nz_blocks.wav\n')
     cmd = [sys.executable, str(ROOT / 'wav_to_lms.py'), str(src), str(tmp_path / 'lms'), '--workers', '2',
            '--files', str(tmp_path / 'list.txt')]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=sigint_as_in_a_terminal)
+    proc = start_as_in_a_terminal(cmd, cwd=ROOT, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while len(_npy_files(tmp_path / 'lms')) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
-    _, err = proc.communicate(timeout=60)
+    err = press_ctrl_c(proc, timeout=60)
     assert proc.returncode == 130, err
     assert err.splitlines()[-1] == 'interrupted; 2 of 3 files converted, rerun the same command to continue'
     assert 'Traceback' not in err and _npy_files(tmp_path / 'lms') == ['a.npy', 'b.npy']
