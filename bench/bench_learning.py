@@ -14,11 +14,13 @@ fluid-soundfont-gm`); without them the benchmark says so and exits with status 0
 Pre-training is the real `train_audio.py`, in a subprocess on the CPU (its CPU time is measured).
 The random-initialisation baseline is the model that run would start from without --init_from (same
 flags and seed); with --init_from, the weights it starts from are probed too ('start'). Probes:
-clip embeddings (time mean of the final layer's frame features, LMS normalised with the task's
-training statistics) or, for the log-mel baseline, the per-bin mean and std of the LMS over time
-(160-d); each probe is the built-in linear probe (m2d.eval) trained on the train split with early
-stopping on valid, averaged over --probe_seeds. Prints a table and appends its scores to
-<work>/scores.csv (one row per run, task and weights).
+clip embeddings of the final layer's frame features (LMS normalised with the task's training
+statistics), pooled two ways: the time mean (as published; EVAR, HEAR) and the time mean and std, the
+pooling of the log-mel baseline (the per-bin mean and std of the LMS over time, 160-d). Scores of the
+second pooling go to scores.csv as 'WEIGHTS, mean+std'. Each probe is the built-in linear probe
+(m2d.eval) trained on the train split with early stopping on valid, averaged over --probe_seeds.
+Prints a table per pooling and appends its scores to <work>/scores.csv (one row per run, task and
+weights).
 """
 import argparse
 import csv
@@ -41,7 +43,7 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 import learning_corpus  # noqa: E402
 from m2d.audio_io import load_audio  # noqa: E402
-from m2d.eval.embeddings import fix_length, task_embeddings  # noqa: E402
+from m2d.eval.embeddings import POOLINGS, fix_length, task_embeddings  # noqa: E402
 from m2d.eval.lineareval import probe_task  # noqa: E402
 from m2d.eval.linear_probe import ProbeConfig  # noqa: E402
 from m2d.eval.tasks import TaskData, load_task, resolve_task  # noqa: E402
@@ -159,23 +161,29 @@ def main(argv=None) -> int:
     weights['pre-trained'] = trained
     log = [json.loads(line) for line in (trained.parent / 'log.txt').read_text().splitlines()]
 
-    scores = {}
+    # scores[pooling][task][weights]: the encoders pooled as published (time mean), and pooled as the
+    # log-mel baseline is (mean and std over time), so that pooling is not what the comparison measures.
+    scores = {pooling: {} for pooling in POOLINGS}
     for task_name, metadata in task_csvs.items():
         task = load_task(resolve_task(str(metadata), seconds=learning_corpus.TASKS[task_name][2]))
-        row = {'log-mel': probe(logmel_embeddings(task), task, args.probe_seeds)}
-        for label, weight in weights.items():
-            emb, _ = task_embeddings(weight, task, cache_dir='', device='cpu')
-            row[label] = probe(emb, task, args.probe_seeds)
-        scores[task_name] = row
-        print(f'  {task_name}: ' + ', '.join(f'{k} {v:.1f}' for k, v in row.items()), flush=True)
+        logmel = probe(logmel_embeddings(task), task, args.probe_seeds)
+        for pooling in POOLINGS:
+            row = scores[pooling][task_name] = {'log-mel': logmel}
+            for label, weight in weights.items():
+                emb, _ = task_embeddings(weight, task, cache_dir='', device='cpu', pooling=pooling)
+                row[label] = probe(emb, task, args.probe_seeds)
+            print(f'  {task_name}, {pooling}: ' + ', '.join(f'{k} {v:.1f}' for k, v in row.items()), flush=True)
 
     columns = ('log-mel', *weights)
-    print(f'\nLinear-probe test accuracy (%), mean of {args.probe_seeds} probe seeds; run {args.name!r}')
-    print(f'{"task":<12}' + ''.join(f'{c:>14}' for c in columns))
-    for task_name, row in scores.items():
-        print(f'{task_name:<12}' + ''.join(f'{row[c]:>14.1f}' for c in columns))
-    means = {c: float(np.mean([row[c] for row in scores.values()])) for c in columns}
-    print(f'{"mean":<12}' + ''.join(f'{means[c]:>14.1f}' for c in columns))
+    for pooling, title in zip(POOLINGS, ('time mean of the final layer, as published',
+                                         'time mean and std of the final layer, as the log-mel baseline')):
+        print(f'\nLinear-probe test accuracy (%), mean of {args.probe_seeds} probe seeds; run {args.name!r}; '
+              f'encoder embeddings: {title}')
+        print(f'{"task":<12}' + ''.join(f'{c:>14}' for c in columns))
+        for task_name, row in scores[pooling].items():
+            print(f'{task_name:<12}' + ''.join(f'{row[c]:>14.1f}' for c in columns))
+        means = {c: float(np.mean([row[c] for row in scores[pooling].values()])) for c in columns}
+        print(f'{"mean":<12}' + ''.join(f'{means[c]:>14.1f}' for c in columns))
     print(f'Pre-training: {cpu_min:.1f} CPU-min ({wall_min:.1f} min wall, {args.threads} thread(s)); '
           f'final loss {log[-1]["train_loss"]:.4f} after {log[-1]["epoch"]} epochs; {trained}')
     print(f'Flags: {" ".join(RECIPE + args.train)}')
@@ -186,10 +194,15 @@ def main(argv=None) -> int:
         writer = csv.writer(f)
         if new:
             writer.writerow(['name', 'flags', 'cpu_min', 'wall_min', 'final_loss', 'task', 'weights', 'score'])
-        for task_name, row in scores.items():
-            for label, score in row.items():
-                writer.writerow([args.name, ' '.join(args.train), f'{cpu_min:.2f}', f'{wall_min:.2f}',
-                                 f'{log[-1]["train_loss"]:.4f}', task_name, label, f'{score:.2f}'])
+        for pooling in POOLINGS:
+            for task_name, row in scores[pooling].items():
+                for label, score in row.items():
+                    if pooling != 'mean':
+                        if label == 'log-mel':
+                            continue  # one row per task is enough
+                        label = f'{label}, {pooling}'
+                    writer.writerow([args.name, ' '.join(args.train), f'{cpu_min:.2f}', f'{wall_min:.2f}',
+                                     f'{log[-1]["train_loss"]:.4f}', task_name, label, f'{score:.2f}'])
     return 0
 
 

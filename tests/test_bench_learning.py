@@ -54,8 +54,9 @@ def test_pretrains_probes_and_further_pretrains(tmp_path):
 
     rows = list(csv.DictReader(open(work / 'scores.csv')))
     weights = {(r['name'], r['weights']) for r in rows}
-    assert weights == {('tiny', w) for w in ('log-mel', 'random init', 'pre-trained')} | \
-        {('further', w) for w in ('log-mel', 'random init', 'start', 'pre-trained')}
-    assert len(rows) == 3 * 7 and all(0 <= float(r['score']) <= 100 for r in rows)
+    encoders = {'tiny': ('random init', 'pre-trained'), 'further': ('random init', 'start', 'pre-trained')}
+    assert weights == {(name, w) for name, ws in encoders.items() for w in ('log-mel', *ws, *(f'{e}, mean+std' for e in ws))}
+    assert len(rows) == 3 * (5 + 7) and all(0 <= float(r['score']) <= 100 for r in rows)
+    assert 'encoder embeddings: time mean and std of the final layer' in result.stdout
     assert {r['flags'] for r in rows if r['name'] == 'further'} == {' '.join(['--init_from', str(checkpoint),
                                                                              *TINY_TRAIN])}

@@ -14,6 +14,7 @@ from sklearn.metrics import average_precision_score
 
 from m2d.eval.__main__ import main
 from m2d.eval.augment import mask_bands, mixup, random_resized_crop
+from m2d.eval.embeddings import pool, task_embeddings
 from m2d.eval.finetune import FinetuneConfig, finetune
 from m2d.eval.linear_probe import ProbeConfig, score
 from m2d.eval.lineareval import linear_evaluation, probe_task
@@ -67,6 +68,27 @@ def test_lineareval_end_to_end_with_results_row_and_cache(tiny_ckpt, task_csv, t
     assert not linear_evaluation(tiny_ckpt, str(task_csv), results=None)['cached']
     main(['lineareval', str(tiny_ckpt), str(task_csv), '--results', str(results), '--patience', '5'])
     assert 'small: accuracy' in capsys.readouterr().out and len(pd.read_csv(results)) == 3
+
+
+def test_mean_std_pooling(tiny_ckpt, task_csv, tmp_path, one_thread):
+    frames = torch.randn(3, 5, 4)
+    assert torch.equal(pool(frames), frames.mean(1))
+    both = pool(frames, 'mean+std')
+    assert both.shape == (3, 8) and torch.equal(both[:, 4:], frames.std(1, correction=0))
+    assert torch.equal(pool(frames[:, :1], 'mean+std')[:, 4:], torch.zeros(3, 4))  # one frame: std 0, not NaN
+    with pytest.raises(ValueError, match="pooling 'max': use one of mean, mean\\+std"):
+        pool(frames, 'max')
+
+    task = load_task(resolve_task(str(task_csv)))
+    mean, _ = task_embeddings(tiny_ckpt, task, batch_size=8)
+    mean_std, cached = task_embeddings(tiny_ckpt, task, batch_size=8, pooling='mean+std')
+    assert not cached and mean_std.shape == (32, 2 * mean.shape[1])
+    np.testing.assert_allclose(mean_std[:, :mean.shape[1]], mean, atol=1e-6)
+    assert (mean_std[:, mean.shape[1]:] > 0).all()
+    row = linear_evaluation(tiny_ckpt, str(task_csv), results=tmp_path / 'scores.csv', pooling='mean+std')
+    assert row['cached'] and row['options'].endswith('pooling=mean+std')
+    main(['lineareval', str(tiny_ckpt), str(task_csv), '--results', str(tmp_path / 'scores.csv'), '--pooling', 'mean+std'])
+    assert pd.read_csv(tmp_path / 'scores.csv').options.str.endswith('pooling=mean+std').all()
 
 
 def test_evar_tasks_from_the_data_root(tiny_ckpt, task_csv, tmp_path, monkeypatch, one_thread):

@@ -13,6 +13,7 @@ import sys
 from m2d.audio_io import AudioReadError
 from m2d.cli import HelpFormatter, UsageError, run_tool
 
+from .embeddings import POOLINGS
 from .finetune import FinetuneConfig, finetune
 from .linear_probe import ProbeConfig
 from .lineareval import linear_evaluation
@@ -67,6 +68,9 @@ def add_probe(p: argparse.ArgumentParser) -> None:
                    help='normalise LMS with training-set stats as EVAR does (the default)')
     p.add_argument('--no_dataset_norm', '--no-dataset_norm', action='store_false', dest='dataset_norm',
                    help='normalise each batch with its own stats instead, like RuntimeM2D.encode')
+    p.add_argument('--pooling', choices=POOLINGS, default='mean',
+                   help="clip embedding: time mean of the frame features (as published), or 'mean+std' "
+                        '(time mean and std side by side, twice the dimensions)')
     p.add_argument('--lr', type=float, default=d.lr, help='linear probe learning rate (Adam)')
     p.add_argument('--epochs', type=int, default=d.epochs, help='linear probe epochs at most')
     p.add_argument('--patience', type=int, default=d.patience, help='early stopping patience (epochs on valid)')
@@ -74,7 +78,8 @@ def add_probe(p: argparse.ArgumentParser) -> None:
 
 
 def probe_kwargs(args) -> dict:
-    return dict(output_layers=args.output_layers, dataset_norm=args.dataset_norm, batch_size=args.batch_size or 64,
+    return dict(output_layers=args.output_layers, dataset_norm=args.dataset_norm, pooling=args.pooling,
+                batch_size=args.batch_size or 64,
                 seed=args.seed, results=args.results, num_workers=args.num_workers, device=args.device,
                 cache_dir=args.cache_dir, probe=ProbeConfig(lr=args.lr, epochs=args.epochs, patience=args.patience,
                                                             seed=args.seed),

@@ -1,4 +1,4 @@
-"""Clip embeddings: fixed-length clips -> LMS -> normalised -> M2D layer features -> time mean, cached on disk.
+"""Clip embeddings: fixed-length clips -> LMS -> normalised -> M2D layer features -> pooled over time, cached on disk.
 
 The cache key covers the weight file (path, size, mtime), the task metadata (path, size, mtime), the
 clip length and every option that changes the numbers, so a retrained checkpoint or edited task is
@@ -27,6 +27,9 @@ from .tasks import TaskData
 CACHE_ENV = 'M2D_EVAL_CACHE'
 DEFAULT_CACHE = Path('work') / 'eval_cache'
 MAX_NORM_CLIPS = 5000  # as EVAR's calculate_norm_stats
+# 'mean': the time mean, as published (EVAR, HEAR scene embeddings). 'mean+std': the time mean and the
+# time std side by side (statistics pooling), the same pooling the log-mel mean/std baseline gets.
+POOLINGS = ('mean', 'mean+std')
 
 
 def check_weight(weight: Union[str, Path], model: str = '', input_size=None) -> None:
@@ -126,14 +129,28 @@ def normalize(runtime: RuntimeM2D, lms: torch.Tensor, stats: Optional[tuple[floa
     return (lms - stats[0]) / (stats[1] + torch.finfo(torch.float32).eps)
 
 
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f'pooling {pooling!r}: use one of {", ".join(POOLINGS)}')
+
+
+def pool(frames: torch.Tensor, pooling: str = 'mean') -> torch.Tensor:
+    """Frame features [B, T', D] -> clip embeddings [B, D] ('mean') or [B, 2D] ('mean+std': mean, then std)."""
+    check_pooling(pooling)
+    if pooling == 'mean':
+        return frames.mean(dim=1)
+    # The population std: defined for a one-frame clip too.
+    return torch.cat([frames.mean(dim=1), frames.std(dim=1, correction=0)], dim=-1)
+
+
 def extract(runtime: RuntimeM2D, loader, output_layers: Sequence[int] = (-1,),
-            stats: Optional[tuple[float, float]] = None, desc: str = 'embeddings') -> np.ndarray:
-    """Clips -> clip embeddings [N, D' * len(output_layers)] (time mean of layer_features)."""
+            stats: Optional[tuple[float, float]] = None, desc: str = 'embeddings', pooling: str = 'mean') -> np.ndarray:
+    """Clips -> clip embeddings [N, D' * len(output_layers)], or twice that for 'mean+std' (pool of layer_features)."""
     runtime.eval()
     out = []
     for batch in tqdm(loader, desc=desc, leave=False):
         lms = normalize(runtime, runtime.to_feature(batch), stats)
-        out.append(layer_features(runtime, lms, output_layers).mean(dim=1).cpu().numpy())
+        out.append(pool(layer_features(runtime, lms, output_layers), pooling).cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 
 
@@ -153,18 +170,22 @@ def cache_key(weight: str, task: TaskData, options: dict) -> str:
 def task_embeddings(weight: Union[str, Path], task: TaskData, output_layers: Sequence[int] = (-1,),
                     dataset_norm: bool = True, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
                     device: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None,
-                    runtime_settings: Optional[dict] = None) -> tuple[np.ndarray, bool]:
+                    runtime_settings: Optional[dict] = None, pooling: str = 'mean') -> tuple[np.ndarray, bool]:
     """Embeddings [N, D'] of every clip of a task (metadata order) and whether they came from the cache.
 
     dataset_norm: normalise LMS with the mean/std of the training clips (EVAR's way; all clips for fold
     tasks), else each batch with its own stats (RuntimeM2D.encode's way, which depends on batch_size).
     Weights that store fixed stats (later formats) are normalised with those either way.
     cache_dir: default $M2D_EVAL_CACHE or work/eval_cache; '' disables the cache.
+    pooling: 'mean' (published) or 'mean+std' over time, see POOLINGS.
     """
     runtime_settings = dict(runtime_settings or {})
     check_weight(weight, runtime_settings.get('model', ''), runtime_settings.get('input_size'))
+    check_pooling(pooling)
     options = dict(output_layers=[int(i) for i in output_layers], dataset_norm=dataset_norm,
                    batch_size=None if dataset_norm else batch_size, **runtime_settings)
+    if pooling != 'mean':  # keeps the cache keys of published-pooling embeddings as they were
+        options['pooling'] = pooling
     if str(weight) == 'random':
         options['seed'] = seed
     cache_dir = os.environ.get(CACHE_ENV, DEFAULT_CACHE) if cache_dir is None else cache_dir
@@ -180,7 +201,7 @@ def task_embeddings(weight: Union[str, Path], task: TaskData, output_layers: Seq
         stat_files = task.files if task.split is None else [f for f, s in zip(task.files, task.split) if s == 'train']
         stats = norm_stats(runtime, clip_loader(stat_files, task.spec.seconds, batch_size, num_workers))
     emb = extract(runtime, clip_loader(task.files, task.spec.seconds, batch_size, num_workers), output_layers, stats,
-                  desc=f'{task.spec.name} embeddings')
+                  desc=f'{task.spec.name} embeddings', pooling=pooling)
     if path is not None:
         remove_stale_temp_files(path.parent)  # what killed runs left there
         try:

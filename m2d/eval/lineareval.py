@@ -38,21 +38,24 @@ def linear_evaluation(weight: Union[str, Path], task: str, data_root: Optional[s
                       output_layers: Sequence[int] = (-1,), dataset_norm: bool = True, batch_size: int = 64,
                       seed: int = 0, results: Optional[Union[str, Path]] = DEFAULT_RESULTS,
                       probe: Optional[ProbeConfig] = None, num_workers: int = 0, device: Optional[str] = None,
-                      cache_dir: Optional[str] = None, **runtime_settings) -> dict:
+                      cache_dir: Optional[str] = None, pooling: str = 'mean', **runtime_settings) -> dict:
     """Evaluate `weight` (a checkpoint path, or 'random' with model=..., input_size=...) on `task`
     (a task name or a metadata CSV path); append a row to `results` (None: don't) and return it,
     with the valid score, per-fold scores and whether the embeddings came from the cache.
 
     runtime_settings: RuntimeM2D settings such as model, input_size, patch_size, cls_token.
+    pooling: clip embedding from frame features, 'mean' (published) or 'mean+std' (embeddings.POOLINGS).
     """
     started = time.time()
     spec = resolve_task(task, data_root, audio_root, seconds)
     data = load_task(spec)  # every input check happens here, before any encoding
     probe = probe or ProbeConfig(seed=seed)
     emb, cached = task_embeddings(weight, data, output_layers, dataset_norm, batch_size, num_workers, seed, device,
-                                  cache_dir, runtime_settings)
+                                  cache_dir, runtime_settings, pooling)
     outcome = probe_task(emb, data, probe)
     options = f'layers={list(output_layers)} dataset_norm={dataset_norm} lr={probe.lr}'
+    if pooling != 'mean':
+        options += f' pooling={pooling}'
     label = str(weight)
     if label == 'random':  # one row per random architecture and seed, not one 'random' for all
         size = 'x'.join(str(v) for v in parse_size(runtime_settings['input_size']))
