@@ -34,8 +34,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
+# The evaluator's progress bars would drown the table; tqdm reads this when it is first imported (by torch).
+os.environ.setdefault('TQDM_DISABLE', '1')
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -136,7 +139,6 @@ def main(argv=None) -> int:
         print('bench_learning: skipped, this machine lacks ' + '; '.join(missing))
         return 0
     torch.set_num_threads(args.threads)
-    os.environ.setdefault('TQDM_DISABLE', '1')  # the evaluator's progress bars would drown the table
     work = Path(args.work).resolve()
     data, csv_path, task_csvs = prepare_data(work, args.n_files, args.seed,
                                              [k for k in args.corpus_kinds.split(',') if k], args.task_clips)
