@@ -13,12 +13,14 @@ def test_demo_runs_end_to_end_below_out(tmp_path, capfd):
                  '--decoder_depth', '1']) == 0
     printed = capfd.readouterr().out
 
-    tag = model_tag(parse_args(['--preset', 'small']))  # the run folders are named after the recipe's model
+    recipe = parse_args(['--preset', 'small'])
+    tag = model_tag(recipe)  # the run folders are named after the recipe's model
     checkpoint = tmp_path / 'runs' / f'{tag}-demo' / 'checkpoint-2.pth'
     assert len(list((tmp_path / 'data' / 'lms').rglob('*.npy'))) == 24
     assert (checkpoint.parent / 'vis-2.png').is_file() and (checkpoint.parent / 'log.txt').is_file()
     features = RuntimeM2D(weight_file=str(checkpoint)).encode(torch.zeros(1, 16000).uniform_(-1, 1))
-    assert features.shape == (1, 7, 192 * 5)
+    frames = 1 + 16000 // 160  # 1 s of LMS at a 10 ms hop
+    assert features.shape == (1, -(-frames // recipe.patch_size[1]), 192 * 5)
 
     # Both evaluations land in the demo's own results file, on the demo task generated below --out.
     scores = pd.read_csv(tmp_path / 'results' / 'scores.csv')
