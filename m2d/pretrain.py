@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]  # train_audio.py, quick_eval.sh and 
 
 # Recipes for --preset: values for the flags a command line does not give. 'small' was chosen by the sweeps
 # of bench/bench_learning.py (README, "Pre-training on small data"): on 1,000 clips, a longer EMA horizon
-# helps, and 40 ms patches (16x4, the later M2D's frame rate) on 0.64 s crops learn more than 160 ms
+# helps, and 40 ms patches (16x4, as the later p16x4 weights) on 0.64 s crops learn more than 160 ms
 # patches (16x16) on 1.1 or 2.1 s crops, most on speech, at about twice the CPU time of the 1.1 s ones.
 PRESETS = {
     'small': dict(model='m2d_vit_tiny', depth=4, decoder_depth=2, input_size=[80, 64], patch_size=[16, 4],
