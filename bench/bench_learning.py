@@ -170,17 +170,23 @@ def main(argv=None) -> int:
         task = load_task(resolve_task(str(metadata), seconds=learning_corpus.TASKS[task_name][2]))
         logmel = probe(logmel_embeddings(task), task, args.probe_seeds)
         for pooling in POOLINGS:
-            row = scores[pooling][task_name] = {'log-mel': logmel}
-            for label, weight in weights.items():
-                emb, _ = task_embeddings(weight, task, cache_dir='', device='cpu', pooling=pooling)
-                row[label] = probe(emb, task, args.probe_seeds)
+            scores[pooling][task_name] = {'log-mel': logmel}
+        for label, weight in weights.items():
+            # One encoding per weights: 'mean+std' is [time mean, time std], so its first half is 'mean'.
+            mean_std, _ = task_embeddings(weight, task, cache_dir='', device='cpu', pooling='mean+std')
+            pooled = {'mean': np.ascontiguousarray(mean_std[:, :mean_std.shape[1] // 2]), 'mean+std': mean_std}
+            for pooling in POOLINGS:
+                scores[pooling][task_name][label] = probe(pooled[pooling], task, args.probe_seeds)
+        for pooling in POOLINGS:
+            row = scores[pooling][task_name]
             print(f'  {task_name}, {pooling}: ' + ', '.join(f'{k} {v:.1f}' for k, v in row.items()), flush=True)
 
     columns = ('log-mel', *weights)
-    for pooling, title in zip(POOLINGS, ('time mean of the final layer, as published',
-                                         'time mean and std of the final layer, as the log-mel baseline')):
+    titles = {'mean': 'time mean of the final layer, as published',
+              'mean+std': 'time mean and std of the final layer, as the log-mel baseline'}
+    for pooling in POOLINGS:
         print(f'\nLinear-probe test accuracy (%), mean of {args.probe_seeds} probe seeds; run {args.name!r}; '
-              f'encoder embeddings: {title}')
+              f'encoder embeddings: {titles[pooling]}')
         print(f'{"task":<12}' + ''.join(f'{c:>14}' for c in columns))
         for task_name, row in scores[pooling].items():
             print(f'{task_name:<12}' + ''.join(f'{row[c]:>14.1f}' for c in columns))
