@@ -15,8 +15,9 @@ Pre-training is the real `train_audio.py`, in a subprocess on the CPU (its CPU t
 The random-initialisation baseline is the model that run would start from without --init_from (same
 flags and seed); with --init_from, the weights it starts from are probed too ('start'). Probes:
 clip embeddings of the final layer's frame features (LMS normalised with the task's training
-statistics), pooled two ways: the time mean (as published; EVAR, HEAR) and the time mean and std, the
-pooling of the log-mel baseline (the per-bin mean and std of the LMS over time, 160-d). Scores of the
+statistics), pooled two ways, and the log-mel baseline (the LMS's own 80 mel bins as frame features)
+pooled the same way in each: the time mean (as published; EVAR, HEAR; log-mel 80-d) and the time mean
+and std (statistics pooling; log-mel 160-d, the classic per-bin mean/std baseline). Scores of the
 second pooling go to scores.csv as 'WEIGHTS, mean+std'. Each probe is the built-in linear probe
 (m2d.eval) trained on the train split with early stopping on valid, averaged over --probe_seeds.
 Prints a table per pooling and appends its scores to <work>/scores.csv (one row per run, task and
@@ -46,7 +47,7 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 import learning_corpus  # noqa: E402
 from m2d.audio_io import load_audio  # noqa: E402
-from m2d.eval.embeddings import POOLINGS, fix_length, task_embeddings  # noqa: E402
+from m2d.eval.embeddings import POOLINGS, fix_length, pool, task_embeddings  # noqa: E402
 from m2d.eval.lineareval import probe_task  # noqa: E402
 from m2d.eval.linear_probe import ProbeConfig  # noqa: E402
 from m2d.eval.tasks import TaskData, load_task, resolve_task  # noqa: E402
@@ -100,15 +101,20 @@ def pretrain(flags: list[str], threads: int, log_path: Path) -> tuple[float, flo
 
 
 def logmel_embeddings(task: TaskData) -> np.ndarray:
-    """Per-mel-bin mean and std over time of each clip's LMS: [N, 160]."""
+    """Each clip's LMS bins pooled over time with 'mean+std': [N, 160] (per-bin mean, then std)."""
     to_lms = LogMelSpectrogram()
     samples = int(round(task.spec.seconds * 16000))
     out = []
     with torch.inference_mode():
         for path in task.files:
-            lms = to_lms(fix_length(torch.from_numpy(load_audio(path)), samples)[None])[0]
-            out.append(torch.cat([lms.mean(-1), lms.std(-1)]).numpy())
+            lms = to_lms(fix_length(torch.from_numpy(load_audio(path)), samples)[None])  # [1, 80, T]
+            out.append(pool(lms.transpose(1, 2), 'mean+std')[0].numpy())
     return np.stack(out)
+
+
+def split_pooled(mean_std: np.ndarray) -> dict[str, np.ndarray]:
+    """'mean+std' embeddings [N, 2D] -> {pooling: embeddings}; the first half is the time mean [N, D]."""
+    return {'mean': np.ascontiguousarray(mean_std[:, :mean_std.shape[1] // 2]), 'mean+std': mean_std}
 
 
 def probe(embeddings: np.ndarray, task: TaskData, seeds: int) -> float:
@@ -163,30 +169,27 @@ def main(argv=None) -> int:
     weights['pre-trained'] = trained
     log = [json.loads(line) for line in (trained.parent / 'log.txt').read_text().splitlines()]
 
-    # scores[pooling][task][weights]: the encoders pooled as published (time mean), and pooled as the
-    # log-mel baseline is (mean and std over time), so that pooling is not what the comparison measures.
+    # scores[pooling][task][weights]: the encoders and the log-mel baseline pooled as published (time
+    # mean), then as statistics (time mean and std), so that pooling is not what a comparison measures.
     scores = {pooling: {} for pooling in POOLINGS}
     for task_name, metadata in task_csvs.items():
         task = load_task(resolve_task(str(metadata), seconds=learning_corpus.TASKS[task_name][2]))
-        logmel = probe(logmel_embeddings(task), task, args.probe_seeds)
-        for pooling in POOLINGS:
-            scores[pooling][task_name] = {'log-mel': logmel}
+        embeddings = {'log-mel': logmel_embeddings(task)}
         for label, weight in weights.items():
-            # One encoding per weights: 'mean+std' is [time mean, time std], so its first half is 'mean'.
-            mean_std, _ = task_embeddings(weight, task, cache_dir='', device='cpu', pooling='mean+std')
-            pooled = {'mean': np.ascontiguousarray(mean_std[:, :mean_std.shape[1] // 2]), 'mean+std': mean_std}
-            for pooling in POOLINGS:
-                scores[pooling][task_name][label] = probe(pooled[pooling], task, args.probe_seeds)
+            embeddings[label] = task_embeddings(weight, task, cache_dir='', device='cpu', pooling='mean+std')[0]
+        for label, mean_std in embeddings.items():
+            for pooling, pooled in split_pooled(mean_std).items():
+                scores[pooling].setdefault(task_name, {})[label] = probe(pooled, task, args.probe_seeds)
         for pooling in POOLINGS:
             row = scores[pooling][task_name]
             print(f'  {task_name}, {pooling}: ' + ', '.join(f'{k} {v:.1f}' for k, v in row.items()), flush=True)
 
     columns = ('log-mel', *weights)
-    titles = {'mean': 'time mean of the final layer, as published',
-              'mean+std': 'time mean and std of the final layer, as the log-mel baseline'}
+    titles = {'mean': 'time mean (final layer; log-mel bins), as published',
+              'mean+std': 'time mean and std (final layer; log-mel bins), statistics pooling'}
     for pooling in POOLINGS:
         print(f'\nLinear-probe test accuracy (%), mean of {args.probe_seeds} probe seeds; run {args.name!r}; '
-              f'encoder embeddings: {titles[pooling]}')
+              f'embeddings: {titles[pooling]}')
         print(f'{"task":<12}' + ''.join(f'{c:>14}' for c in columns))
         for task_name, row in scores[pooling].items():
             print(f'{task_name:<12}' + ''.join(f'{row[c]:>14.1f}' for c in columns))
@@ -206,8 +209,6 @@ def main(argv=None) -> int:
             for task_name, row in scores[pooling].items():
                 for label, score in row.items():
                     if pooling != 'mean':
-                        if label == 'log-mel':
-                            continue  # one row per task is enough
                         label = f'{label}, {pooling}'
                     writer.writerow([args.name, ' '.join(args.train), f'{cpu_min:.2f}', f'{wall_min:.2f}',
                                      f'{log[-1]["train_loss"]:.4f}', task_name, label, f'{score:.2f}'])

@@ -54,9 +54,11 @@ def test_pretrains_probes_and_further_pretrains(tmp_path):
 
     rows = list(csv.DictReader(open(work / 'scores.csv')))
     weights = {(r['name'], r['weights']) for r in rows}
-    encoders = {'tiny': ('random init', 'pre-trained'), 'further': ('random init', 'start', 'pre-trained')}
-    assert weights == {(name, w) for name, ws in encoders.items() for w in ('log-mel', *ws, *(f'{e}, mean+std' for e in ws))}
-    assert len(rows) == 3 * (5 + 7) and all(0 <= float(r['score']) <= 100 for r in rows)
-    assert 'encoder embeddings: time mean and std of the final layer' in result.stdout
+    # Every embedding, the log-mel baseline's too, is scored pooled both ways.
+    embeddings = {'tiny': ('log-mel', 'random init', 'pre-trained'),
+                  'further': ('log-mel', 'random init', 'start', 'pre-trained')}
+    assert weights == {(name, w) for name, es in embeddings.items() for w in (*es, *(f'{e}, mean+std' for e in es))}
+    assert len(rows) == 3 * (6 + 8) and all(0 <= float(r['score']) <= 100 for r in rows)
+    assert 'embeddings: time mean and std (final layer; log-mel bins)' in result.stdout
     assert {r['flags'] for r in rows if r['name'] == 'further'} == {' '.join(['--init_from', str(checkpoint),
                                                                              *TINY_TRAIN])}
