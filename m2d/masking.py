@@ -36,3 +36,29 @@ def random_structured_mask(batch: int, grid_size: tuple[int, int], mask_ratio: f
     # A stable sort of the 0/1 mask puts visible tokens first, each group in grid order.
     ids_shuffle = torch.argsort(masked.to(torch.uint8), dim=1, stable=True)
     return ids_shuffle, len_keep
+
+
+def time_span_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float,
+                   device: torch.device | str | None = None, *, span: int) -> tuple[torch.Tensor, int]:
+    """Mask whole time columns (every frequency row) in runs of `span` columns, round(mask_ratio * T')
+    columns per sample: span masking as in wav2vec 2.0 and HuBERT, for short (e.g. 40 ms) patches
+    that unstructured masking lets a predictor fill in from their visible neighbours.
+
+    Runs start at a random offset per sample; the last run chosen may be cut short to hit the count
+    exactly, so every sample has the same number of masked tokens.
+    Returns ids_shuffle [B, N] with the visible tokens first (in grid order) and len_keep.
+    """
+    grid_f, grid_t = grid_size
+    n_masked_cols = min(max(round(grid_t * mask_ratio), 1), grid_t - 1)
+    offset = torch.randint(span, (batch, 1), device=device)
+    run = (torch.arange(grid_t, device=device) + offset) // span  # [B, T'] run index of each column
+    n_runs = (grid_t - 1 + span) // span + 1
+    run_rank = torch.rand(batch, n_runs, device=device).argsort(dim=1).argsort(dim=1)  # random order of runs
+    # Columns ordered by their run's rank, then by time: the first n_masked_cols are masked.
+    order = (run_rank.gather(1, run) * grid_t + torch.arange(grid_t, device=device)).argsort(dim=1)
+    masked_cols = torch.zeros(batch, grid_t, dtype=torch.bool, device=device)
+    masked_cols.scatter_(1, order[:, :n_masked_cols], True)
+    masked = masked_cols[:, None, :].expand(-1, grid_f, -1).flatten(1)  # tokens are row-major over [F', T']
+    len_keep = grid_f * (grid_t - n_masked_cols)
+    ids_shuffle = torch.argsort(masked.to(torch.uint8), dim=1, stable=True)
+    return ids_shuffle, len_keep

@@ -18,6 +18,7 @@ import random
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TextIO, Union
 
@@ -42,6 +43,7 @@ from .cli import (LOAD_ERRORS, HelpFormatter, Interrupted, OutputError, UsageErr
 from .data import (NORM_STATS_CROPS, BackgroundNoise, SpectrogramDataset, check_files, compute_norm_stats,
                    load_vis_samples, read_file_list)
 from .engine_pretrain import NonFiniteLossError, Precision, RunClock, Schedule, train_one_epoch
+from .masking import time_span_mask
 from .models_mae import MODELS, MaskedAutoencoderViT, create_model
 from .visualize import save_loss_curve, save_mask_figure
 
@@ -98,6 +100,9 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     p.add_argument('--input_size', default='80x208', type=size_arg, help='F x T of a training crop')
     p.add_argument('--patch_size', default='16x16', type=size_arg, help='F x T of a patch')
     p.add_argument('--mask_ratio', default=0.75 if mae else 0.7, type=float, help='ratio of patches masked')
+    p.add_argument('--mask_span', default=0, type=int,
+                   help='mask whole time columns in runs of this many patches (span masking, as wav2vec 2.0; '
+                        '0 = any patches, as published)')
     if mae:
         p.add_argument('--norm_pix_loss', action='store_true', help='per-patch normalised pixels as targets')
     else:
@@ -449,7 +454,10 @@ def build_model(args: argparse.Namespace) -> MaskedAutoencoderViT:
         kwargs['depth'] = args.depth
     if is_m2d(args.model):
         kwargs.update(loss_type=getattr(args, 'loss_fn', 'norm_mse'), target_layers=getattr(args, 'target_layers', []))
-    return create_model(args.model, **kwargs)
+    model = create_model(args.model, **kwargs)
+    if getattr(args, 'mask_span', 0):
+        model.mask_fn = partial(time_span_mask, span=args.mask_span)
+    return model
 
 
 def initial_model(args: argparse.Namespace) -> MaskedAutoencoderViT:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2d.masking import random_structured_mask, random_unstructured_mask
+from m2d.masking import random_structured_mask, random_unstructured_mask, time_span_mask
 from m2d.models_mae import MODELS, M2D_D2ViT, M2DViT, MaskedAutoencoderViT, create_model
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -210,6 +210,27 @@ def test_random_structured_mask(ratio):
         assert (ids_shuffle[:, :len_keep].diff(dim=1) > 0).all()
         fractions.append(1 - len_keep / 65)
     assert abs(sum(fractions) / len(fractions) - ratio) < 0.15
+
+
+@pytest.mark.parametrize('ratio,span', [(0.5, 1), (0.5, 3), (0.6, 4), (0.3, 5)])
+def test_time_span_mask(ratio, span):
+    torch.manual_seed(0)
+    grid_f, grid_t = 5, 16
+    n_cols = round(grid_t * ratio)
+    ids_shuffle, len_keep = time_span_mask(64, (grid_f, grid_t), ratio, span=span)
+    assert _is_permutation(ids_shuffle) and len_keep == grid_f * (grid_t - n_cols)
+    masked = torch.ones(64, grid_f * grid_t, dtype=torch.bool)
+    masked.scatter_(1, ids_shuffle[:, :len_keep], False)
+    grid = masked.reshape(64, grid_f, grid_t)
+    cols = grid[:, 0]
+    # Whole time columns, the same count in every sample, and visible tokens first in grid order.
+    assert torch.equal(grid, cols[:, None, :].expand_as(grid)) and (cols.sum(1) == n_cols).all()
+    assert (ids_shuffle[:, :len_keep].diff(dim=1) > 0).all()
+    # Runs of `span` columns (two cut by the crop's edges, one cut short to hit the count) make few
+    # masked stretches; and where they fall differs between samples.
+    stretches = (cols[:, 1:] & ~cols[:, :-1]).sum(1) + cols[:, 0]
+    assert (stretches <= -(-n_cols // span) + 2).all()
+    assert len({tuple(row) for row in cols.tolist()}) > 10
 
 
 def test_structured_mask_in_the_model():
