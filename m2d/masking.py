@@ -34,19 +34,24 @@ def random_structured_mask(batch: int, grid_size: tuple[int, int], mask_ratio: f
     masked = masked.flatten(1)
     len_keep = int((~masked[0]).sum())
     # A stable sort of the 0/1 mask puts visible tokens first, each group in grid order.
-    ids_shuffle = torch.argsort(masked.to(torch.uint8), dim=1, stable=True)
+    ids_shuffle = torch.argsort(masked.to(torch.uint8), dim=1, stable=True)  # span samples: grid order
+    if share < 1:
+        unstructured = torch.rand(batch, grid_f * grid_t, device=device).argsort(dim=1)
+        ids_shuffle = torch.where(torch.rand(batch, 1, device=device) < share, ids_shuffle, unstructured)
     return ids_shuffle, len_keep
 
 
 def time_span_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float,
-                   device: torch.device | str | None = None, *, span: int) -> tuple[torch.Tensor, int]:
+                   device: torch.device | str | None = None, *, span: int, share: float = 1.0
+                   ) -> tuple[torch.Tensor, int]:
     """Mask whole time columns (every frequency row) in runs of `span` columns, round(mask_ratio * T')
     columns per sample: span masking as in wav2vec 2.0 and HuBERT, for short (e.g. 40 ms) patches
     that unstructured masking lets a predictor fill in from their visible neighbours.
 
     Runs start at a random offset per sample; the last run chosen may be cut short to hit the count
-    exactly, so every sample has the same number of masked tokens.
-    Returns ids_shuffle [B, N] with the visible tokens first (in grid order) and len_keep.
+    exactly, so every sample has the same number of masked tokens. With share < 1, each sample is
+    span-masked with that probability and otherwise masked anywhere (unstructured), as many tokens.
+    Returns ids_shuffle [B, N] with the visible tokens first and len_keep.
     """
     grid_f, grid_t = grid_size
     n_masked_cols = min(max(round(grid_t * mask_ratio), 1), grid_t - 1)
@@ -60,5 +65,8 @@ def time_span_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float,
     masked_cols.scatter_(1, order[:, :n_masked_cols], True)
     masked = masked_cols[:, None, :].expand(-1, grid_f, -1).flatten(1)  # tokens are row-major over [F', T']
     len_keep = grid_f * (grid_t - n_masked_cols)
-    ids_shuffle = torch.argsort(masked.to(torch.uint8), dim=1, stable=True)
+    ids_shuffle = torch.argsort(masked.to(torch.uint8), dim=1, stable=True)  # span samples: grid order
+    if share < 1:
+        unstructured = torch.rand(batch, grid_f * grid_t, device=device).argsort(dim=1)
+        ids_shuffle = torch.where(torch.rand(batch, 1, device=device) < share, ids_shuffle, unstructured)
     return ids_shuffle, len_keep

@@ -103,6 +103,8 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     p.add_argument('--mask_span', default=0, type=int,
                    help='mask whole time columns in runs of this many patches (span masking, as wav2vec 2.0; '
                         '0 = any patches, as published)')
+    p.add_argument('--mask_span_share', default=1.0, type=float,
+                   help='with --mask_span: the share of samples span-masked; the others are masked anywhere')
     if mae:
         p.add_argument('--norm_pix_loss', action='store_true', help='per-patch normalised pixels as targets')
     else:
@@ -407,6 +409,11 @@ def validate_args(args: argparse.Namespace) -> None:
     (F, T), (pf, pt) = args.input_size, args.patch_size
     if F % pf or T % pt:
         raise UsageError(f'--input_size {F}x{T} must be a multiple of --patch_size {pf}x{pt}')
+    if not 0 <= args.mask_span <= T // pt - 1:
+        raise UsageError(f'--mask_span must be 0 (off) to {T // pt - 1} (the time patches of one crop, '
+                         f'{T // pt}, less one), got {args.mask_span}')
+    if not 0 < args.mask_span_share <= 1:
+        raise UsageError(f'--mask_span_share must be above 0 and at most 1, got {args.mask_span_share}')
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -456,7 +463,7 @@ def build_model(args: argparse.Namespace) -> MaskedAutoencoderViT:
         kwargs.update(loss_type=getattr(args, 'loss_fn', 'norm_mse'), target_layers=getattr(args, 'target_layers', []))
     model = create_model(args.model, **kwargs)
     if getattr(args, 'mask_span', 0):
-        model.mask_fn = partial(time_span_mask, span=args.mask_span)
+        model.mask_fn = partial(time_span_mask, span=args.mask_span, share=getattr(args, 'mask_span_share', 1.0))
     return model
 
 

@@ -233,6 +233,17 @@ def test_time_span_mask(ratio, span):
     assert len({tuple(row) for row in cols.tolist()}) > 10
 
 
+def test_time_span_mask_share_mixes_span_and_unstructured_samples():
+    torch.manual_seed(0)
+    ids_shuffle, len_keep = time_span_mask(400, (5, 16), 0.5, span=4, share=0.25)
+    assert _is_permutation(ids_shuffle) and len_keep == 40
+    masked = torch.ones(400, 80, dtype=torch.bool)
+    masked.scatter_(1, ids_shuffle[:, :len_keep], False)
+    grid = masked.reshape(400, 5, 16)
+    whole_columns = (grid == grid[:, :1]).flatten(1).all(1)
+    assert (masked.sum(1) == 40).all() and 0.18 < whole_columns.float().mean() < 0.32
+
+
 def test_structured_mask_in_the_model():
     model = tiny()
     model.set_random_structured_mask()

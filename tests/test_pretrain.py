@@ -442,13 +442,17 @@ def test_preset_fills_only_the_flags_not_given():
     assert parse_args([]).model == 'm2d_vit_base'  # no preset: the published defaults
 
 
-def test_mask_span_trains_with_whole_time_columns_masked(lms_data, tmp_path, one_thread):
+def test_mask_span_trains_with_whole_time_columns_masked(lms_data, tmp_path, capsys, one_thread):
     from m2d.pretrain import parse_args
     model = build_model(parse_args(tiny_argv(lms_data, tmp_path, '--mask_span', '3')))
     _, _, (_, mask) = model(torch.randn(4, 1, 80, 96), mask_ratio=0.5)
     grid = mask.reshape(4, *model.grid_size())
     assert torch.equal(grid, grid[:, :1].expand_as(grid)) and (grid[:, 0].sum(1) == grid.shape[2] // 2).all()
     assert build_model(parse_args(tiny_argv(lms_data, tmp_path))).mask_fn.__name__ == 'random_unstructured_mask'
+    for bad, says in [(['--mask_span', '6'], '--mask_span must be 0 (off) to 5'),
+                      (['--mask_span', '2', '--mask_span_share', '0'], '--mask_span_share must be above 0')]:
+        assert cli(argv=tiny_argv(lms_data, tmp_path / 'bad', *bad)) == 2
+        assert says in capsys.readouterr().err
     out = run(tiny_argv(lms_data, tmp_path / 'run', '--mask_span', '3', '--epochs', '1'))
     assert load_checkpoint(out.last_checkpoint)['args'].mask_span == 3
 
