@@ -34,10 +34,7 @@ def random_structured_mask(batch: int, grid_size: tuple[int, int], mask_ratio: f
     masked = masked.flatten(1)
     len_keep = int((~masked[0]).sum())
     # A stable sort of the 0/1 mask puts visible tokens first, each group in grid order.
-    ids_shuffle = torch.argsort(masked.to(torch.uint8), dim=1, stable=True)  # span samples: grid order
-    if share < 1:
-        unstructured = torch.rand(batch, grid_f * grid_t, device=device).argsort(dim=1)
-        ids_shuffle = torch.where(torch.rand(batch, 1, device=device) < share, ids_shuffle, unstructured)
+    ids_shuffle = torch.argsort(masked.to(torch.uint8), dim=1, stable=True)
     return ids_shuffle, len_keep
 
 
