@@ -64,6 +64,6 @@ def time_span_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float,
     len_keep = grid_f * (grid_t - n_masked_cols)
     ids_shuffle = torch.argsort(masked.to(torch.uint8), dim=1, stable=True)  # span samples: grid order
     if share < 1:
-        unstructured = torch.rand(batch, grid_f * grid_t, device=device).argsort(dim=1)
+        unstructured = random_unstructured_mask(batch, grid_size, mask_ratio, device)[0]  # with this len_keep
         ids_shuffle = torch.where(torch.rand(batch, 1, device=device) < share, ids_shuffle, unstructured)
     return ids_shuffle, len_keep

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from .masking import random_structured_mask, random_unstructured_mask
+from .masking import random_structured_mask, random_unstructured_mask, time_span_mask
 from .pos_embed import sincos_pos_embed_2d
 
 # mask_ratio: a float (0 = no masking), or a given mask as (ids_restore [B, N], len_keep).
@@ -100,6 +100,11 @@ class MaskedAutoencoderViT(nn.Module):
     def set_random_structured_mask(self) -> None:
         """Mask whole frequency rows and time columns from now on (fine-tuning with a training mask)."""
         self.mask_fn = random_structured_mask
+
+    def set_time_span_mask(self, span: int, share: float = 1.0) -> None:
+        """Mask whole time columns in runs of `span` patches from now on, in `share` of the samples
+        (pre-training with --mask_span; see masking.time_span_mask)."""
+        self.mask_fn = partial(time_span_mask, span=span, share=share)
 
     def initialize_weights(self) -> None:
         """MAE init: fixed sin-cos positions, xavier-uniform Linear/patch weights, N(0, 0.02) tokens."""

@@ -18,7 +18,6 @@ import random
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TextIO, Union
 
@@ -43,7 +42,6 @@ from .cli import (LOAD_ERRORS, HelpFormatter, Interrupted, OutputError, UsageErr
 from .data import (NORM_STATS_CROPS, BackgroundNoise, SpectrogramDataset, check_files, compute_norm_stats,
                    load_vis_samples, read_file_list)
 from .engine_pretrain import NonFiniteLossError, Precision, RunClock, Schedule, train_one_epoch
-from .masking import time_span_mask
 from .models_mae import MODELS, MaskedAutoencoderViT, create_model
 from .visualize import save_loss_curve, save_mask_figure
 
@@ -463,7 +461,7 @@ def build_model(args: argparse.Namespace) -> MaskedAutoencoderViT:
         kwargs.update(loss_type=getattr(args, 'loss_fn', 'norm_mse'), target_layers=getattr(args, 'target_layers', []))
     model = create_model(args.model, **kwargs)
     if getattr(args, 'mask_span', 0):
-        model.mask_fn = partial(time_span_mask, span=args.mask_span, share=getattr(args, 'mask_span_share', 1.0))
+        model.set_time_span_mask(args.mask_span, getattr(args, 'mask_span_share', 1.0))
     return model
 
 
