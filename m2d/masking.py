@@ -15,6 +15,12 @@ def random_unstructured_mask(batch: int, grid_size: tuple[int, int], mask_ratio:
     return torch.argsort(noise, dim=1), len_keep
 
 
+def _visible_first(masked: torch.Tensor) -> torch.Tensor:
+    """ids_shuffle [B, N] for a boolean mask [B, N] (True = masked): a stable sort of the 0/1 mask
+    puts the visible tokens first, each group in grid order."""
+    return torch.argsort(masked.to(torch.uint8), dim=1, stable=True)
+
+
 def random_structured_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float,
                            device: torch.device | str | None = None) -> tuple[torch.Tensor, int]:
     """Mask whole frequency rows and time columns, about `mask_ratio` of the tokens.
@@ -33,9 +39,7 @@ def random_structured_mask(batch: int, grid_size: tuple[int, int], mask_ratio: f
     masked.scatter_(2, cols[:, None, :].expand(-1, grid_f, -1), True)
     masked = masked.flatten(1)
     len_keep = int((~masked[0]).sum())
-    # A stable sort of the 0/1 mask puts visible tokens first, each group in grid order.
-    ids_shuffle = torch.argsort(masked.to(torch.uint8), dim=1, stable=True)
-    return ids_shuffle, len_keep
+    return _visible_first(masked), len_keep
 
 
 def time_span_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float,
@@ -62,7 +66,7 @@ def time_span_mask(batch: int, grid_size: tuple[int, int], mask_ratio: float,
     masked_cols.scatter_(1, order[:, :n_masked_cols], True)
     masked = masked_cols[:, None, :].expand(-1, grid_f, -1).flatten(1)  # tokens are row-major over [F', T']
     len_keep = grid_f * (grid_t - n_masked_cols)
-    ids_shuffle = torch.argsort(masked.to(torch.uint8), dim=1, stable=True)  # span samples: grid order
+    ids_shuffle = _visible_first(masked)
     if share < 1:
         unstructured = random_unstructured_mask(batch, grid_size, mask_ratio, device)[0]  # with this len_keep
         ids_shuffle = torch.where(torch.rand(batch, 1, device=device) < share, ids_shuffle, unstructured)

@@ -181,6 +181,13 @@ def _is_permutation(ids: torch.Tensor) -> bool:
     return torch.equal(ids.sort(dim=1).values, torch.arange(ids.shape[1]).expand_as(ids))
 
 
+def _masked_grid(ids_shuffle: torch.Tensor, len_keep: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """The mask [B, F', T'] (True = masked) that ids_shuffle and len_keep describe."""
+    masked = torch.ones(ids_shuffle.shape, dtype=torch.bool)
+    masked.scatter_(1, ids_shuffle[:, :len_keep], False)
+    return masked.reshape(-1, *grid_size)
+
+
 @pytest.mark.parametrize('ratio', [0.5, 0.6, 0.7, 0.75])
 def test_random_unstructured_mask(ratio):
     ids_shuffle, len_keep = random_unstructured_mask(4, (5, 38), ratio)
@@ -200,9 +207,7 @@ def test_random_structured_mask(ratio):
     for _ in range(30):
         ids_shuffle, len_keep = random_structured_mask(3, (5, 13), ratio)
         assert _is_permutation(ids_shuffle) and 0 < len_keep < 65
-        masked = torch.ones(3, 65, dtype=torch.bool)
-        masked.scatter_(1, ids_shuffle[:, :len_keep], False)
-        grid = masked.reshape(3, 5, 13)
+        grid = _masked_grid(ids_shuffle, len_keep, (5, 13))
         rows, cols = grid.all(dim=2), grid.all(dim=1)
         # Only whole rows and whole columns are masked; never every row.
         assert torch.equal(grid, rows[:, :, None] | cols[:, None, :]) and not rows.all(dim=1).any()
@@ -219,9 +224,7 @@ def test_time_span_mask(ratio, span):
     n_cols = round(grid_t * ratio)
     ids_shuffle, len_keep = time_span_mask(64, (grid_f, grid_t), ratio, span=span)
     assert _is_permutation(ids_shuffle) and len_keep == grid_f * (grid_t - n_cols)
-    masked = torch.ones(64, grid_f * grid_t, dtype=torch.bool)
-    masked.scatter_(1, ids_shuffle[:, :len_keep], False)
-    grid = masked.reshape(64, grid_f, grid_t)
+    grid = _masked_grid(ids_shuffle, len_keep, (grid_f, grid_t))
     cols = grid[:, 0]
     # Whole time columns, the same count in every sample, and visible tokens first in grid order.
     assert torch.equal(grid, cols[:, None, :].expand_as(grid)) and (cols.sum(1) == n_cols).all()
@@ -237,11 +240,9 @@ def test_time_span_mask_share_mixes_span_and_unstructured_samples():
     torch.manual_seed(0)
     ids_shuffle, len_keep = time_span_mask(400, (5, 16), 0.5, span=4, share=0.25)
     assert _is_permutation(ids_shuffle) and len_keep == 40
-    masked = torch.ones(400, 80, dtype=torch.bool)
-    masked.scatter_(1, ids_shuffle[:, :len_keep], False)
-    grid = masked.reshape(400, 5, 16)
+    grid = _masked_grid(ids_shuffle, len_keep, (5, 16))
     whole_columns = (grid == grid[:, :1]).flatten(1).all(1)
-    assert (masked.sum(1) == 40).all() and 0.18 < whole_columns.float().mean() < 0.32
+    assert (grid.flatten(1).sum(1) == 40).all() and 0.18 < whole_columns.float().mean() < 0.32
 
 
 def test_structured_mask_in_the_model():
