@@ -19,6 +19,7 @@ m2d_as_vit_base-80x608p16x16p32k-240413_enconly, m2d_clap_vit_base-80x1001p16x16
 import argparse
 import datetime
 import logging
+import math
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ EXTRA_PARTS = {
     'to_spec': 'log-mel front-end buffers (the front end is rebuilt from the settings)',
 }
 PRETRAINING_PREFIXES = ('decoder', 'target', 'mask_token')  # what an encoder-only model leaves out
+# Bounds on what a file may ask the model to be, checked before anything is built: a crop of at most
+# MAX_PATCHES patches (the published 80x608 crop has 190, a 10 s 16x4 crop 1,250) and MAX_BLOCKS blocks.
+MAX_PATCHES = 16384
+MAX_BLOCKS = 64
 FRONT_ENDS = {  # sample-rate part of a folder name -> log-mel settings (the later runtime's)
     '16k': dict(sample_rate=16000, n_fft=400, window_size=400, hop_size=160, n_mels=80, f_min=50, f_max=8000),
     '32k': dict(sample_rate=32000, n_fft=800, window_size=800, hop_size=320, n_mels=80, f_min=50, f_max=16000),
@@ -107,6 +112,27 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int,
     the sampler epoch follows from it), scaler, args, and every rank's RNG states for an exact resume."""
     return save_atomic({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
                         'scaler': scaler.state_dict(), 'args': args, 'rng': rng_states}, path)
+
+
+def check_norm_stats(values: Any, what: str) -> tuple[float, float]:
+    """(mean, std) from a stored or given `values`: two finite numbers with std > 0, else CheckpointError
+    naming `what` (e.g. "checkpoint.pth's stored norm_stats")."""
+    try:
+        mean, std = (float(v) for v in (values.tolist() if torch.is_tensor(values) else values))
+    except (TypeError, ValueError):
+        mean = std = float('nan')
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise CheckpointError(f'{what} must be two finite numbers [mean, std] with std > 0, got {values!r}')
+    return mean, std
+
+
+def check_model_size(input_size: list[int], patch_size: list[int], what: str) -> None:
+    """CheckpointError if the input holds more than MAX_PATCHES patches (frames past the last whole
+    patch are not counted, as the model drops them)."""
+    (F, T), (pf, pt) = input_size, patch_size
+    if (F // pf) * (T // pt) > MAX_PATCHES:
+        raise CheckpointError(f'{what}: input size {F}x{T} with patch size {pf}x{pt} makes '
+                              f'{(F // pf) * (T // pt)} patches, more than the {MAX_PATCHES} a model may have')
 
 
 def saved_args(checkpoint: Any) -> dict:
@@ -182,6 +208,12 @@ def extract_state_dict(checkpoint: Any, path: Union[str, Path]) -> dict[str, tor
     for wrapper in ('ar.runtime.', 'backbone.'):  # EVAR's audio representation, then RuntimeM2D
         if any(k.startswith(wrapper) for k in state):
             state = {k.removeprefix(wrapper): v for k, v in state.items()}
+    if 'norm_stats' in state:
+        check_norm_stats(state['norm_stats'], f"{path}'s stored norm_stats")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f'{path} holds NaN or inf values in {len(bad)} tensors ({", ".join(bad[:5])}'
+                              f'{" ..." if len(bad) > 5 else ""}): a diverged or damaged run; use an earlier checkpoint')
     return state
 
 
@@ -301,10 +333,18 @@ def describe(path: Union[str, Path], checkpoint: Any = None, parts: Optional[Che
             "explicitly: RuntimeM2D(weight_file=..., model='m2d_vit_base', input_size=[80, 608], patch_size=[16, 16]) "
             '(command lines: --model m2d_vit_base --input_size 80x608 --patch_size 16x16)')
     state = parts.model if parts else {}
-    spec = ModelSpec(spec_model, *(parse_size(s) for s in sizes), sources=sources)
+    try:
+        spec = ModelSpec(spec_model, *(parse_size(s) for s in sizes), sources=sources)
+    except ValueError as e:
+        raise CheckpointError(f'{path}: {e}') from None
+    check_model_size(spec.input_size, spec.patch_size, str(path))
     spec.depth = settle('depth', depth, count_blocks(state, 'blocks') or args.get('depth'), None)
     spec.decoder_depth = settle('decoder_depth', decoder_depth,
                                 count_blocks(state, 'decoder_blocks') if parts else args.get('decoder_depth'), None)
+    for key in ('depth', 'decoder_depth'):
+        value = getattr(spec, key)
+        if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_BLOCKS):
+            raise CheckpointError(f'{path}: {key} {value!r} ({sources[key]}) must be a whole number up to {MAX_BLOCKS}')
     spec.sr = settle('sr', sr, args.get('sr'), name and name.sr) or '16k'
     if spec.sr not in FRONT_ENDS:
         raise CheckpointError(f'unknown sample-rate part {spec.sr!r} for {path}; known: {", ".join(FRONT_ENDS)}')

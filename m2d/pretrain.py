@@ -13,6 +13,7 @@ import datetime
 import errno
 import io
 import json
+import math
 import os
 import random
 import subprocess
@@ -34,15 +35,16 @@ from util.atomic import open_atomic, remove_stale_temp_files, save_atomic
 from util.cpu import idle_cores, usable_cores
 from util.schedules import scaled_lr
 
-from .checkpoint import (PRETRAINING_PREFIXES, CheckpointError, backbone_model, describe, extract_state_dict,
+from .checkpoint import (MAX_BLOCKS, PRETRAINING_PREFIXES, CheckpointError, check_model_size, check_norm_stats, backbone_model, describe, extract_state_dict,
                          load_checkpoint, load_state_strict, parse_size, run_name, save_checkpoint, saved_args,
                          split_state)
 from .cli import (LOAD_ERRORS, HelpFormatter, Interrupted, OutputError, UsageError, add_norm_stats_argument,
-                  check_writable, guarded, parse_numbers, writing)
+                  check_writable, guarded, parse_norm_stats, parse_numbers, writing)
 from .data import (NORM_STATS_CROPS, BackgroundNoise, SpectrogramDataset, check_files, compute_norm_stats,
                    load_vis_samples, read_file_list)
 from .engine_pretrain import NonFiniteLossError, Precision, RunClock, Schedule, train_one_epoch
 from .models_mae import MODELS, MaskedAutoencoderViT, create_model
+from .run_folder import RunFolderError, check_ownership, checkpoint_epochs, in_use, move_aside, run_lock
 from .visualize import save_loss_curve, save_mask_figure
 
 REPO = Path(__file__).resolve().parents[1]  # train_audio.py, quick_eval.sh and all_eval.sh in a checkout
@@ -61,6 +63,7 @@ PRESETS = {
 }
 PUBLISHED_BATCH_SIZE = 512
 PUBLISHED_NUM_WORKERS = 10
+PUBLISHED_WARMUP_SHARE = 20 / 300  # --warmup_epochs 20 of --epochs 300
 
 
 def size_arg(text: str) -> list[int]:
@@ -149,7 +152,12 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
                         'else the cores that other processes leave idle)')
     p.add_argument('--seed', default=0, type=int, help='seed of the weights, data order, crops and masks')
     p.add_argument('--resume', default='', type=str,
-                   help="checkpoint to continue from; its stored args fill every flag not given on the command line")
+                   help='checkpoint to continue from, in its own run folder; what it stores of the model and the '
+                        'optimisation fills the flags not given (' + ', '.join(RESUMED_ARGS) + '); everything else '
+                        '(paths, data, devices, workers, evaluation) comes from the command line and the defaults')
+    p.add_argument('--overwrite', action='store_true',
+                   help='start a new run in a folder that holds checkpoints of an earlier one (or resume from an '
+                        'earlier checkpoint than its latest): its files are moved into previous-<date>-<time>/')
     p.add_argument('--trust_checkpoint', action='store_true',
                    help='let --resume unpickle anything in the file (it could run code): only for files you trust')
     p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set from the checkpoint on --resume)')
@@ -168,9 +176,15 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     p.add_argument('--dist_url', default='env://', help='process-group rendezvous')
 
 
-# Stored args that a resumed run takes from the command line or its own situation, never from the checkpoint.
-NOT_RESUMED = ('resume', 'start_epoch', 'stop_at', 'output_dir', 'trust_checkpoint', 'init_from', 'world_size',
-               'local_rank', 'dist_url')
+# What a resumed run takes from its checkpoint's stored args (for the flags not given): the model and the
+# optimisation only. Never programs, paths, devices or workers: a checkpoint is data, often someone else's.
+RESUMED_ARGS = ('model', 'depth', 'decoder_depth', 'input_size', 'patch_size', 'mask_ratio', 'mask_span',
+                'mask_span_share', 'norm_pix_loss', 'ema_decay_init', 'ema_decay', 'loss_fn', 'target_layers',
+                'optim', 'weight_decay', 'clip_grad', 'lr', 'blr', 'min_lr', 'warmup_epochs', 'epochs',
+                'batch_size', 'accum_iter', 'norm_stats', 'noise_ratio', 'seed', 'save_freq')
+# Stored settings a user might expect a resume to carry on; a note names those that differ.
+NOTED_IF_NOT_RESUMED = ('data_path', 'dataset', 'csv_bg_noise', 'skip_missing', 'log_dir', 'eval_scripts',
+                        'eval_after', 'device', 'compile')
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> set[str]:
@@ -190,32 +204,57 @@ def parse_args(argv: Optional[list[str]] = None, mae: bool = False) -> argparse.
 def complete_args(args: argparse.Namespace, argv: Optional[list[str]], mae: bool = False) -> argparse.Namespace:
     """Fill the flags not given on the command line `argv`, in this order: from --preset's recipe; from
     --init_from's checkpoint, its model and sizes (and the LMS stats it stores or was trained with);
-    from --resume's checkpoint, every stored arg.
+    from --resume's checkpoint, what it stores of the model and the optimisation (RESUMED_ARGS).
 
     So `--resume RUN/checkpoint-N.pth` alone continues the run as it was started, and any flag given
     (e.g. --epochs 400) overrides the stored one. lr is derived again from --blr when a flag it
-    depends on (--blr, --batch_size, --accum_iter) is given without --lr.
+    depends on (--blr, --batch_size, --accum_iter) is given without --lr. A new run from --init_from
+    whose warm-up would span the whole run gets the published share of it (20 of 300 epochs) instead.
+    Every value taken from a file is checked as the flag would be.
     """
     if not (args.preset or args.init_from or args.resume):
         return args
+    parser = get_args_parser(mae)
     given = explicit_flags(get_args_parser(mae), argv)
 
-    def fill(values: dict, skip: tuple = ()) -> None:
+    def fill(values: dict) -> None:
         for key, value in values.items():
-            if hasattr(args, key) and key not in given and key not in skip and value is not None:
+            if hasattr(args, key) and key not in given and value is not None:
                 setattr(args, key, value)
 
     fill(PRESETS.get(args.preset, {}))
     if args.init_from:
-        fill(initial_model_args(args.init_from, args.trust_checkpoint))
+        fill(stored_settings(initial_model_args(args.init_from, args.trust_checkpoint), parser,
+                             f'--init_from {args.init_from}'))
+        if 'warmup_epochs' not in given and 'warmup_epochs' not in PRESETS.get(args.preset, {}) \
+                and args.warmup_epochs >= args.epochs:
+            args.warmup_epochs = args.epochs * PUBLISHED_WARMUP_SHARE
     if args.resume:
         try:
-            fill(saved_args(load_checkpoint(args.resume, trust=args.trust_checkpoint)), skip=NOT_RESUMED)
+            stored = saved_args(load_checkpoint(args.resume, trust=args.trust_checkpoint))
         except LOAD_ERRORS as e:
             raise UsageError(f'--resume: {e}') from None
+        fill(stored_settings({k: v for k, v in stored.items() if k in RESUMED_ARGS}, parser, f'--resume {args.resume}'))
     if given & {'blr', 'batch_size', 'accum_iter'} and 'lr' not in given:
         args.lr = None
     return args
+
+
+def stored_settings(values: dict, parser: argparse.ArgumentParser, source: str) -> dict:
+    """Settings a checkpoint stores, as the flags would give them: strings (older files) through the
+    flag's own type, then check_settings; None values are dropped. source: e.g. '--resume PATH'."""
+    types = {a.dest: a.type for a in parser._actions}
+    values = {k: v for k, v in values.items() if v is not None}
+    try:
+        for key, value in values.items():
+            if isinstance(value, str) and callable(types.get(key)):
+                values[key] = types[key](value)
+            elif isinstance(value, str) and key == 'norm_stats':
+                values[key] = parse_norm_stats(value)
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        raise UsageError(f'{source}: its stored {key} is not valid: {e}') from None
+    check_settings(values, lambda key: f'{source}: its stored {key}')
+    return values
 
 
 def initial_model_args(path: str, trust: bool) -> dict:
@@ -228,7 +267,7 @@ def initial_model_args(path: str, trust: bool) -> dict:
         raise UsageError(f'--init_from: {e}') from None
     stats = spec.norm_stats or saved_args(checkpoint).get('norm_stats')
     return dict(model=backbone_model(spec.model), input_size=spec.input_size, patch_size=spec.patch_size,
-                depth=spec.depth, decoder_depth=spec.decoder_depth or None, norm_stats=list(stats) if stats else None)
+                depth=spec.depth, decoder_depth=spec.decoder_depth or None, norm_stats=stats)
 
 
 def load_initial_weights(model: MaskedAutoencoderViT, path: str, trust: bool, print_fn: Callable[[str], None]) -> None:
@@ -272,9 +311,9 @@ def is_m2d(model_name: str) -> bool:
 
 
 def unused_folder(name: str) -> Path:
-    """`name`, or `name-2`, `name-3`, ... if a run already saved checkpoints there."""
+    """`name`, or `name-2`, `name-3`, ... if an earlier run saved checkpoints there or a run is using it."""
     path, n = Path(name), 1
-    while any(path.glob('checkpoint-*.pth')):
+    while checkpoint_epochs(path) or in_use(path):
         n += 1
         path = Path(f'{name}-{n}')
     return path
@@ -394,24 +433,71 @@ def start_eval_script(script: Path, checkpoint: Path, log_path: Path, wait: bool
 
 # ----- setup ---------------------------------------------------------------------------------------
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# name -> (test, what the value must be). Applied to the command line and to every value a --resume or
+# --init_from checkpoint stores, so a file cannot bring in what a flag could not.
+SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{k: (lambda v: v is None or (_is_int(v) and v >= 1), 'a whole number of at least 1')
+       for k in ('batch_size', 'epochs', 'accum_iter', 'save_freq', 'print_freq')},
+    **{k: (lambda v: v is None or (_is_int(v) and 0 <= v <= MAX_BLOCKS), f'a whole number from 0 to {MAX_BLOCKS}')
+       for k in ('depth', 'decoder_depth')},
+    **{k: (lambda v: v is None or (_is_int(v) and v >= 0), 'a whole number of 0 or more')
+       for k in ('num_workers', 'threads', 'mask_span')},
+    **{k: (lambda v: _is_number(v) and v >= 0, 'a finite number of 0 or more')
+       for k in ('blr', 'min_lr', 'warmup_epochs', 'weight_decay', 'clip_grad')},
+    **{k: (lambda v: _is_number(v) and 0 <= v <= 1, 'a number from 0 to 1') for k in ('ema_decay_init', 'ema_decay')},
+    'lr': (lambda v: v is None or (_is_number(v) and v >= 0), 'a finite number of 0 or more'),
+    'seed': (_is_int, 'a whole number'),
+    'mask_ratio': (lambda v: _is_number(v) and 0 < v < 1, 'between 0 and 1 (exclusive)'),
+    'mask_span_share': (lambda v: _is_number(v) and 0 < v <= 1, 'above 0 and at most 1'),
+    'noise_ratio': (lambda v: _is_number(v) and 0 <= v < 1, 'from 0 to 1 (exclusive)'),
+    'model': (lambda v: v in MODELS, 'one of ' + ', '.join(sorted(MODELS))),
+    'loss_fn': (lambda v: v in ('norm_mse', 'mse'), 'norm_mse or mse'),
+    'optim': (lambda v: v in ('adamw', 'sgd'), 'adamw or sgd'),
+    'norm_pix_loss': (lambda v: isinstance(v, bool), 'true or false'),
+    'target_layers': (lambda v: isinstance(v, (list, tuple)) and all(map(_is_int, v)), 'a list of block numbers'),
+    **{k: (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v),
+           'two positive whole numbers') for k in ('input_size', 'patch_size')},
+    'norm_stats': (lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_is_number, v))
+                                           and v[1] > 0), 'two finite numbers [mean, std] with std > 0'),
+}
+
+
+def check_settings(values: dict, name: Callable[[str], str] = lambda key: f'--{key}') -> None:
+    """Raise UsageError for the first value in `values` (flag name -> value) that is out of its range,
+    then for combinations that cannot train. name(key) says where a value came from in the message."""
+    for key, (ok, must_be) in SETTING_CHECKS.items():
+        if key in values and not ok(values[key]):
+            raise UsageError(f'{name(key)} must be {must_be}, got {values[key]!r}')
+    if 'input_size' in values and 'patch_size' in values:
+        (F, T), (pf, pt) = values['input_size'], values['patch_size']
+        if F % pf or T % pt:
+            raise UsageError(f'{name("input_size")} {F}x{T} must be a multiple of {name("patch_size")} {pf}x{pt}')
+        try:
+            check_model_size([F, T], [pf, pt], f'{name("input_size")} {F}x{T} and {name("patch_size")} {pf}x{pt}')
+        except CheckpointError as e:
+            raise UsageError(str(e)) from None
+        span = values.get('mask_span', 0)
+        if not span <= T // pt - 1:
+            raise UsageError(f'{name("mask_span")} must be 0 (off) to {T // pt - 1} (the time patches of one crop, '
+                             f'{T // pt}, less one), got {span}')
+    depth = values.get('depth') or 12
+    if any(not 0 <= i < depth for i in values.get('target_layers', [])):
+        raise UsageError(f'{name("target_layers")} {values["target_layers"]} must index the {depth} encoder blocks')
+
+
 def validate_args(args: argparse.Namespace) -> None:
-    for name in ('batch_size', 'epochs', 'accum_iter', 'save_freq', 'print_freq'):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    """The command line's values (check_settings) and how they combine."""
+    check_settings(vars(args))
     if args.resume and args.init_from:
         raise UsageError('give either --resume (continue a run) or --init_from (start a new run from its weights)')
-    if not 0 < args.mask_ratio < 1:
-        raise UsageError(f'--mask_ratio must be between 0 and 1 (exclusive), got {args.mask_ratio}')
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UsageError(f'--num_workers must be 0 or more, got {args.num_workers}')
-    (F, T), (pf, pt) = args.input_size, args.patch_size
-    if F % pf or T % pt:
-        raise UsageError(f'--input_size {F}x{T} must be a multiple of --patch_size {pf}x{pt}')
-    if not 0 <= args.mask_span <= T // pt - 1:
-        raise UsageError(f'--mask_span must be 0 (off) to {T // pt - 1} (the time patches of one crop, '
-                         f'{T // pt}, less one), got {args.mask_span}')
-    if not 0 < args.mask_span_share <= 1:
-        raise UsageError(f'--mask_span_share must be above 0 and at most 1, got {args.mask_span_share}')
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -503,7 +589,13 @@ def prepare_data(args: argparse.Namespace, info: distutil.DistInfo, print_fn: Ca
 
 
 def _prepare_data(args: argparse.Namespace, print_fn: Callable[[str], None]) -> tuple[list[str], list[float]]:
-    check_writable(args.output_dir, folder=True)  # now, not after a data scan that may take minutes
+    # Now, not after a data scan that may take minutes: the folder can be written, and is this run's to write.
+    check_writable(args.output_dir, folder=True)
+    out = Path(args.output_dir)
+    busy = in_use(out)
+    if busy:
+        raise RunFolderError(busy)
+    check_ownership(out, Path(args.resume) if args.resume else None, args.overwrite)
     files = check_files(read_file_list(args.dataset), args.data_path, args.input_size[0], args.skip_missing)
     print_fn(f'Dataset: {len(files)} files from {args.dataset} (data folder {args.data_path})')
     if args.norm_stats is not None:
@@ -574,25 +666,27 @@ def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> 
     if args.resume:
         try:
             checkpoint = load_checkpoint(args.resume, trust=args.trust_checkpoint)
+            stored_stats = saved_args(checkpoint).get('norm_stats')
+            if args.norm_stats is None and stored_stats is not None:  # the same normalisation as before the stop
+                args.norm_stats = list(check_norm_stats(stored_stats, f"{args.resume}'s stored norm_stats"))
         except LOAD_ERRORS as e:
             raise UsageError(f'--resume: {e}') from None
-        stored_stats = saved_args(checkpoint).get('norm_stats')
-        if args.norm_stats is None and stored_stats:
-            args.norm_stats = list(stored_stats)  # the same normalisation as before the stop
     if not args.output_dir:
         name = Path(args.resume).parent if args.resume else unused_folder(run_name(args))
         args.output_dir = str(distutil.broadcast_object(name))
     out = Path(args.output_dir)
-    with console_copy(info.is_main) as console:
+    with console_copy(info.is_main) as console, contextlib.ExitStack() as held:
         try:
             print_fn(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {" ".join(sys.argv)}')
+            if checkpoint is not None:
+                note_settings_not_resumed(saved_args(checkpoint), args, print_fn)
             files, args.norm_stats = prepare_data(args, info, print_fn)
             resolve_resources(args, info, device, len(files), print_fn)
-            if info.is_main:  # the checks passed: only now the run folder is made (a failed start leaves none)
-                with writing(out):
-                    out.mkdir(parents=True, exist_ok=True)
-                console.open(out / 'console.txt')
-                remove_stale_temp_files(out)
+            # The checks passed: only now the run folder is made (a failed start leaves none), and claimed.
+            error = claim_run_folder(out, args, held, console, print_fn) if info.is_main else None
+            error = distutil.broadcast_object(error)
+            if error:
+                raise UsageError(error)
             result = _train(args, info, device, out, files, checkpoint, eval_dir, print_fn)
         except (UsageError, NonFiniteLossError, KeyboardInterrupt) as e:
             if console is not None:
@@ -601,6 +695,34 @@ def _main(args: argparse.Namespace, info: distutil.DistInfo, eval_dir: Path) -> 
             raise
         print_fn(f'Done; outputs in {out}')
         return result
+
+
+def claim_run_folder(out: Path, args: argparse.Namespace, held: contextlib.ExitStack, console: ConsoleCopy,
+                     print_fn: Callable[[str], None]) -> Optional[str]:
+    """Make the run folder and lock it for as long as `held` lasts; move aside what --overwrite replaces;
+    start the console copy. -> an error message (to share with the other ranks), or None."""
+    try:
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(run_lock(out, print_fn))
+        # Checked again under the lock: another run may have saved here since the first look.
+        aside = move_aside(out, check_ownership(out, Path(args.resume) if args.resume else None, args.overwrite))
+        console.open(out / 'console.txt')
+        if aside is not None:
+            print_fn(f'--overwrite: moved the earlier files into {aside}')
+        remove_stale_temp_files(out)
+    except (RunFolderError, OutputError) as e:
+        return str(e)
+    return None
+
+
+def note_settings_not_resumed(stored: dict, args: argparse.Namespace, print_fn: Callable[[str], None]) -> None:
+    """Say which of the checkpoint's stored paths and run settings a resumed run does not take (see
+    RESUMED_ARGS), where they differ from this run's."""
+    skipped = [k for k in NOTED_IF_NOT_RESUMED if k in stored and stored[k] != getattr(args, k)]
+    if skipped:
+        print_fn(f'Note: not taken from {args.resume} (this command line and the defaults decide): '
+                 + ', '.join(f'{k}={getattr(args, k)!r} (stored {stored[k]!r})' for k in skipped))
 
 
 def truncate_log(path: Path, epochs_done: int) -> None:
@@ -652,7 +774,11 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
     if args.lr is None:
         args.lr = scaled_lr(args.blr, eff_batch)
     print_fn(f'Effective batch {eff_batch} = {args.batch_size} per process x {args.accum_iter} accumulation '
-             f'x {info.world_size} processes; lr {args.lr:.3e} (blr {args.blr:.3e} x {eff_batch} / 256)')
+             f'x {info.world_size} processes; lr {args.lr:.3e} (blr {args.blr:.3e} x {eff_batch} / 256), '
+             f'warm-up {args.warmup_epochs:g} of {args.epochs} epochs')
+    if args.warmup_epochs >= args.epochs:
+        print_fn(f'Note: the lr warm-up ({args.warmup_epochs:g} epochs) spans the whole run ({args.epochs} epochs): '
+                 'the lr only rises and never decays; pass a smaller --warmup_epochs')
 
     precision = Precision.for_device(device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
@@ -662,8 +788,8 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
         load_initial_weights(raw_model, args.init_from, args.trust_checkpoint, print_fn)
     if checkpoint is not None:
         start_epoch = resume_from(checkpoint, args, info, raw_model, optimizer, scaler, print_fn)
-        if info.is_main:
-            truncate_log(out / 'log.txt', start_epoch)
+    if info.is_main:  # lines of epochs after the start (a killed run's, or a fresh start's leftovers) go
+        truncate_log(out / 'log.txt', start_epoch)
 
     model = raw_model
     if info.distributed:
@@ -678,7 +804,9 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
                         getattr(args, 'ema_decay_init', 0.0), getattr(args, 'ema_decay', 0.0))
     log_dir = Path(args.log_dir or out)
     with writing(log_dir):
-        writer = SummaryWriter(str(log_dir)) if info.is_main else None
+        # purge_step: TensorBoard drops the points a killed run logged after its last checkpoint, so each
+        # step shows once however often the run was stopped and resumed.
+        writer = SummaryWriter(str(log_dir), purge_step=start_epoch * len(loader)) if info.is_main else None
     vis_names, vis_lms = load_vis_samples(Path(args.data_path) / 'vis_samples', args.input_size[1], args.norm_stats)
     result = RunResult(out, raw_model)
     last_epoch = args.epochs if args.stop_at <= 0 else min(args.stop_at, args.epochs)

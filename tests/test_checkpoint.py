@@ -169,21 +169,26 @@ def tiny_argv(data: Path, out, *extra: str) -> list[str]:
     return ['--model', 'm2d_vit_tiny', '--decoder_depth', '1', '--depth', '2', '--input_size', '80x96',
             '--batch_size', '8', '--epochs', '3', '--warmup_epochs', '1', '--device', 'cpu', '--num_workers', '0',
             '--data_path', str(data), '--dataset', str(data / 'files.csv'), '--output_dir', str(out),
-            '--print_freq', '1', '--save_freq', '1', '--eval_scripts', str(data / 'no_scripts'), *extra]
+            '--print_freq', '1', '--save_freq', '1', '--eval_scripts', str(data / 'no_scripts'), '--threads', '1',
+            *extra]
 
 
-def test_resume_alone_continues_with_the_stored_args(lms_data, tmp_path, monkeypatch, capsys):
+def test_resume_continues_with_the_stored_model_and_schedule(lms_data, tmp_path, monkeypatch, capsys):
+    """--resume with only this machine's data and scripts continues the run as it was started: the
+    model and the optimisation come from the checkpoint (the paths never do: tests/test_run_safety.py)."""
     straight = pretrain_main(get_args_parser().parse_args(tiny_argv(lms_data, tmp_path / 'my run'))).output_dir
     stopped = tmp_path / 'another name'
     pretrain_main(get_args_parser().parse_args(tiny_argv(lms_data, stopped, '--stop_at', '1')))
     monkeypatch.chdir(tmp_path)  # somewhere else: the run folder is the checkpoint's
-    assert cli(argv=['--resume', str(stopped / 'checkpoint-1.pth')]) == 0
+    here = ['--data_path', str(lms_data), '--dataset', str(lms_data / 'files.csv'), '--device', 'cpu',
+            '--eval_scripts', str(lms_data / 'no_scripts'), '--threads', '1']
+    assert cli(argv=['--resume', str(stopped / 'checkpoint-1.pth'), *here]) == 0
     assert 'Resumed from' in capsys.readouterr().out
     a, b = load_checkpoint(straight / 'checkpoint-3.pth'), load_checkpoint(stopped / 'checkpoint-3.pth')
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert b['args'].decoder_depth == 1 and b['args'].input_size == [80, 96]
     # A flag given with --resume overrides the stored one: two more epochs.
-    assert cli(argv=['--resume', str(stopped / 'checkpoint-3.pth'), '--epochs', '5', '--stop_at', '4']) == 0
+    assert cli(argv=['--resume', str(stopped / 'checkpoint-3.pth'), *here, '--epochs', '5', '--stop_at', '4']) == 0
     resumed = load_checkpoint(stopped / 'checkpoint-4.pth')
     assert resumed['epoch'] == 4 and resumed['args'].epochs == 5 and resumed['args'].decoder_depth == 1
 
