@@ -91,6 +91,35 @@ def test_mean_std_pooling(tiny_ckpt, task_csv, tmp_path, one_thread):
     assert pd.read_csv(tmp_path / 'scores.csv').options.str.endswith('pooling=mean+std').all()
 
 
+def test_fixed_norm_stats(tiny_ckpt, task_csv, tmp_path, monkeypatch, one_thread):
+    """--norm_stats: every LMS is normalised with the given statistics (as EVAR's M2D wrapper with mean/std
+    set), so the embeddings are RuntimeM2D's with those stats; lineareval, suite and finetune take it."""
+    from m2d.eval.embeddings import clip_loader
+    from m2d.eval.finetune import FinetuneModel
+    from m2d.runtime_audio import RuntimeM2D
+    results = tmp_path / 'scores.csv'
+    assert main(['lineareval', str(tiny_ckpt), str(task_csv), '--results', str(results), '--batch_size', '8',
+                 '--norm_stats', '[-5.0, 3.0]']) == 0
+    task = load_task(resolve_task(str(task_csv)))
+    fixed, _ = task_embeddings(tiny_ckpt, task, batch_size=8, cache_dir='', runtime_settings={'norm_stats': [-5.0, 3.0]})
+    audio = torch.cat(list(clip_loader(task.files, 1.0, 8, sample_rate=16000)))
+    expected = RuntimeM2D(weight_file=str(tiny_ckpt), norm_stats=[-5.0, 3.0]).encode(audio).mean(1)
+    torch.testing.assert_close(torch.from_numpy(fixed), expected, atol=1e-5, rtol=1e-4)
+    dataset_norm, _ = task_embeddings(tiny_ckpt, task, batch_size=8, cache_dir='')  # the default: training-set stats
+    assert not np.allclose(fixed, dataset_norm, atol=1e-3)
+    assert main(['suite', str(tiny_ckpt), '--tasks', str(task_csv), '--results', str(results), '--norm_stats', '-5', '3']) == 0
+
+    stats = []
+    init = FinetuneModel.__init__
+    monkeypatch.setattr(FinetuneModel, '__init__', lambda self, runtime, n_classes, s, *args, **kwargs:
+                        stats.append(s) or init(self, runtime, n_classes, s, *args, **kwargs))
+    assert main(['finetune', str(tiny_ckpt), str(task_csv), '--results', str(results), '--batch_size', '8',
+                 '--epochs', '1', '--warmup_epochs', '0', '--norm_stats', '[-5.0, 3.0]']) == 0
+    assert stats == [(-5.0, 3.0)]
+    options = pd.read_csv(results).options.tolist()
+    assert len(options) == 3 and all('norm_stats=[-5.0, 3.0]' in o for o in options)
+
+
 def test_evar_tasks_from_the_data_root(tiny_ckpt, task_csv, tmp_path, monkeypatch, one_thread):
     """EVAR's layout below $M2D_EVAL_DATA: a split task (cremad) and a fold task (esc50, folds averaged)."""
     root = tmp_path / 'evar'

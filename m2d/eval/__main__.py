@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from m2d.audio_io import AudioReadError
-from m2d.cli import HelpFormatter, UsageError, run_tool
+from m2d.cli import HelpFormatter, UsageError, add_norm_stats_argument, run_tool
 
 from .embeddings import POOLINGS
 from .finetune import FinetuneConfig, finetune
@@ -48,6 +48,8 @@ def add_common(p: argparse.ArgumentParser, suite: bool = False) -> None:
     p.add_argument('--input_size', help='FxT, e.g. 80x608, when the folder name does not tell it')
     p.add_argument('--patch_size', help='pfxpt, e.g. 16x16')
     p.add_argument('--cls_token', action='store_true', help='prepend the [CLS] output to every frame feature')
+    add_norm_stats_argument(p, help='normalise every LMS with these fixed statistics, as EVAR\'s M2D wrapper with '
+                                    'mean/std set (default: training-set stats, or those the weights store)')
     p.add_argument('--trust_checkpoint', action='store_true',
                    help='unpickle anything in the weight file (it could run code): only for files you trust')
 
@@ -57,6 +59,8 @@ def runtime_settings(args) -> dict:
     for flag in ('cls_token', 'trust_checkpoint'):
         if getattr(args, flag):
             out[flag] = True
+    if args.norm_stats:
+        out['norm_stats'] = args.norm_stats
     return out
 
 

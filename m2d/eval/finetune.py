@@ -147,6 +147,8 @@ def finetune(weight: Union[str, Path], task: str, cfg: FinetuneConfig = Finetune
     model.load_state_dict(best_state)
     test_score = score(*predict(model, test), data.multi_label)
     options = ' '.join(f'{k}={v}' for k, v in asdict(cfg).items())
+    if runtime_settings.get('norm_stats'):
+        options += f' norm_stats={list(runtime_settings["norm_stats"])}'
     row = dict(weight=str(weight), task=spec.name, metric='mAP' if data.multi_label else 'accuracy',
                score=test_score, seconds=round(time.time() - started, 1), mode='finetune', options=options)
     if results is not None:
