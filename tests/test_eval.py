@@ -101,13 +101,15 @@ def test_fixed_norm_stats(tiny_ckpt, task_csv, tmp_path, monkeypatch, one_thread
     assert main(['lineareval', str(tiny_ckpt), str(task_csv), '--results', str(results), '--batch_size', '8',
                  '--norm_stats', '[-5.0, 3.0]']) == 0
     task = load_task(resolve_task(str(task_csv)))
-    fixed, _ = task_embeddings(tiny_ckpt, task, batch_size=8, cache_dir='', runtime_settings={'norm_stats': [-5.0, 3.0]})
+    fixed, _ = task_embeddings(tiny_ckpt, task, batch_size=8, cache_dir='',
+                               runtime_settings={'norm_stats': [-5.0, 3.0]})
     audio = torch.cat(list(clip_loader(task.files, 1.0, 8, sample_rate=16000)))
     expected = RuntimeM2D(weight_file=str(tiny_ckpt), norm_stats=[-5.0, 3.0]).encode(audio).mean(1)
     torch.testing.assert_close(torch.from_numpy(fixed), expected, atol=1e-5, rtol=1e-4)
     dataset_norm, _ = task_embeddings(tiny_ckpt, task, batch_size=8, cache_dir='')  # the default: training-set stats
     assert not np.allclose(fixed, dataset_norm, atol=1e-3)
-    assert main(['suite', str(tiny_ckpt), '--tasks', str(task_csv), '--results', str(results), '--norm_stats', '-5', '3']) == 0
+    assert main(['suite', str(tiny_ckpt), '--tasks', str(task_csv), '--results', str(results),
+                 '--norm_stats', '-5', '3']) == 0
 
     stats = []
     init = FinetuneModel.__init__

@@ -244,7 +244,9 @@ def test_evaluator_gives_32k_weights_32k_audio(tiny_ckpt, tmp_path, monkeypatch)
 
     lengths = []
     forward = FinetuneModel.forward
-    monkeypatch.setattr(FinetuneModel, 'forward', lambda self, audio: lengths.append(audio.shape[-1]) or forward(self, audio))
-    cfg = FinetuneConfig(lr=0.01, batch_size=4, epochs=1, warmup_epochs=0, mixup=0.0, freq_mask=0, time_mask=0, rrc=False)
+    monkeypatch.setattr(FinetuneModel, 'forward',
+                        lambda self, audio: lengths.append(audio.shape[-1]) or forward(self, audio))
+    cfg = FinetuneConfig(lr=0.01, batch_size=4, epochs=1, warmup_epochs=0, mixup=0.0, freq_mask=0, time_mask=0,
+                         rrc=False)
     finetune(path, str(csv), cfg, results=None)
     assert lengths and set(lengths) == {16000}  # 0.5 s at 32 kHz: training, valid and test batches

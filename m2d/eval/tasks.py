@@ -182,7 +182,8 @@ class TaskData:
             return {s: np.flatnonzero(self.split == s) for s in SPLITS}
         folds = np.unique(self.fold)
         if not 1 <= fold <= len(folds):
-            raise TaskError(f'no fold {fold} in task {self.spec.name!r}: its {len(folds)} folds are numbered 1 to {len(folds)}')
+            n = len(folds)
+            raise TaskError(f'no fold {fold} in task {self.spec.name!r}: its {n} folds are numbered 1 to {n}')
         rest = np.flatnonzero(self.fold != folds[fold - 1])
         rest = np.random.default_rng(seed).permutation(rest)
         n_valid = max(1, int(round(len(rest) * valid_ratio)))
