@@ -40,5 +40,6 @@ def get_scene_embeddings(audio: torch.Tensor, model: RuntimeM2D) -> torch.Tensor
 
 def get_timestamp_embeddings(audio: torch.Tensor, model: RuntimeM2D) -> tuple[torch.Tensor, torch.Tensor]:
     """Audio [n_sounds, n_samples] -> (float32 embeddings [n_sounds, n_frames, timestamp_embedding_size],
-    timestamps [n_sounds, n_frames] in ms, centred on the audio each embedding covers)."""
+    timestamps [n_sounds, n_frames] in ms: a constant hop, each the centre of its embedding's patch
+    width, none past the end of the audio)."""
     return model.get_timestamp_embeddings(audio)

@@ -522,8 +522,9 @@ class RuntimeM2D(nn.Module):
         By default (hop_ms None and cfg.timestamp_hop_ms 0) there is one embedding per patch width
         (pt LMS frames: 160 ms). A finer hop_ms (a divisor of that, e.g. 40) also encodes the
         spectrogram shifted by every multiple of the hop and interleaves the results, at pt / hop
-        times the cost. Each timestamp is the centre of the LMS frames its embedding covers, so
-        timestamps increase and none lies past the end of the audio.
+        times the cost. As HEAR requires, timestamps are evenly spaced by the hop, each the centre of
+        the pt frames its embedding starts (LMS frame i is centred at i * hop_size samples), and none
+        lies past the end of the audio: the tail embeddings centred there are left out.
         """
         if self.cfg.flat_features:
             raise ValueError('timestamps need frame features; flat token features (training_mask > 0) have none')
@@ -537,12 +538,12 @@ class RuntimeM2D(nn.Module):
         shifted = [self.encode_lms(F.pad(lms[..., s:], (0, max(0, pt - (T - s))))) for s in range(0, min(pt, T), hop)]
         n_first = shifted[0].shape[1]
         x = torch.stack([F.pad(e, (0, 0, 0, n_first - e.shape[1])) for e in shifted], dim=2).flatten(1, 2)
-        starts = (torch.arange(n_first)[:, None] * pt + torch.arange(len(shifted))[None] * hop).flatten()
-        # Flattened (frame, shift) order sorts by start frame; the missing ones (start >= T) are the tail.
-        starts = starts[starts < T].double()
-        x = x[:, :len(starts)]
-        last = torch.clamp(starts + pt - 1, max=T - 1)
-        ts = (starts + last) / 2 * self.cfg.hop_size / self.cfg.sample_rate * 1000.0
+        # Flattened (frame, shift) order sorts the embeddings by start frame: the j-th starts at j * hop.
+        frame_ms = 1000.0 * self.cfg.hop_size / self.cfg.sample_rate
+        ts = (torch.arange(0, T, hop, dtype=torch.float64) + (pt - 1) / 2) * frame_ms
+        # check_audio's one-patch minimum keeps the first centre inside the audio.
+        ts = ts[ts <= 1000.0 * audio.shape[-1] / self.cfg.sample_rate]
+        x = x[:, :len(ts)]
         return x, ts.float().to(x.device).expand(x.shape[0], -1).contiguous()
 
     # ----- visualisation helpers ------------------------------------------------------------------

@@ -91,6 +91,37 @@ def test_mean_std_pooling(tiny_ckpt, task_csv, tmp_path, one_thread):
     assert pd.read_csv(tmp_path / 'scores.csv').options.str.endswith('pooling=mean+std').all()
 
 
+def test_fixed_norm_stats(tiny_ckpt, task_csv, tmp_path, monkeypatch, one_thread):
+    """--norm_stats: every LMS is normalised with the given statistics (as EVAR's M2D wrapper with mean/std
+    set), so the embeddings are RuntimeM2D's with those stats; lineareval, suite and finetune take it."""
+    from m2d.eval.embeddings import clip_loader
+    from m2d.eval.finetune import FinetuneModel
+    from m2d.runtime_audio import RuntimeM2D
+    results = tmp_path / 'scores.csv'
+    assert main(['lineareval', str(tiny_ckpt), str(task_csv), '--results', str(results), '--batch_size', '8',
+                 '--norm_stats', '[-5.0, 3.0]']) == 0
+    task = load_task(resolve_task(str(task_csv)))
+    fixed, _ = task_embeddings(tiny_ckpt, task, batch_size=8, cache_dir='',
+                               runtime_settings={'norm_stats': [-5.0, 3.0]})
+    audio = torch.cat(list(clip_loader(task.files, 1.0, 8, sample_rate=16000)))
+    expected = RuntimeM2D(weight_file=str(tiny_ckpt), norm_stats=[-5.0, 3.0]).encode(audio).mean(1)
+    torch.testing.assert_close(torch.from_numpy(fixed), expected, atol=1e-5, rtol=1e-4)
+    dataset_norm, _ = task_embeddings(tiny_ckpt, task, batch_size=8, cache_dir='')  # the default: training-set stats
+    assert not np.allclose(fixed, dataset_norm, atol=1e-3)
+    assert main(['suite', str(tiny_ckpt), '--tasks', str(task_csv), '--results', str(results),
+                 '--norm_stats', '-5', '3']) == 0
+
+    stats = []
+    init = FinetuneModel.__init__
+    monkeypatch.setattr(FinetuneModel, '__init__', lambda self, runtime, n_classes, s, *args, **kwargs:
+                        stats.append(s) or init(self, runtime, n_classes, s, *args, **kwargs))
+    assert main(['finetune', str(tiny_ckpt), str(task_csv), '--results', str(results), '--batch_size', '8',
+                 '--epochs', '1', '--warmup_epochs', '0', '--norm_stats', '[-5.0, 3.0]']) == 0
+    assert stats == [(-5.0, 3.0)]
+    options = pd.read_csv(results).options.tolist()
+    assert len(options) == 3 and all('norm_stats=[-5.0, 3.0]' in o for o in options)
+
+
 def test_evar_tasks_from_the_data_root(tiny_ckpt, task_csv, tmp_path, monkeypatch, one_thread):
     """EVAR's layout below $M2D_EVAL_DATA: a split task (cremad) and a fold task (esc50, folds averaged)."""
     root = tmp_path / 'evar'
@@ -230,6 +261,10 @@ def _variant(task_csv: Path, tmp_path: Path, edit) -> str:
     (lambda df: df.assign(label='tone'), 'only one class'),
     (lambda df: df.drop(columns='split'), 'needs columns file_name, label and split'),
     (lambda df: df.drop(columns='split').assign(fold=1), 'single fold'),
+    (lambda df: df.drop(columns='split').assign(fold=np.where(df.index == 3, np.nan, df.index % 2 + 1)),
+     r'1 rows of .*bad.csv have an empty fold: line 5 \(.*\.wav\); give every row a fold number'),
+    (lambda df: df.assign(split=df.split.where(df.index != 0)),
+     r'1 rows of .*bad.csv have an empty split: line 2 \(.*\.wav\); give every row a split \(train, valid or test\)'),
     (lambda df: df.assign(label=df.label.where(~df.index.isin([3, 9]), np.nan)),
      rf"2 rows of .*bad.csv have an empty or NaN label: line 5 \(.*\.wav\), line 11 \(.*\.wav\); give every row"),
     (lambda df: df.assign(label=df.label.where(df.index != 0, 'nan')), r'1 rows .* empty or NaN label: line 2 '),
@@ -242,6 +277,36 @@ def test_bad_task_input_fails_before_encoding(task_csv, tmp_path, edit, message)
     path = _variant(task_csv, tmp_path, edit)
     with pytest.raises(TaskError, match=message):
         linear_evaluation(tmp_path / 'no-such-weight.pth', path, audio_root=str(task_csv.parent / 'audio'), results=None)
+
+
+def test_bad_options_and_an_empty_fold_are_one_line_errors_with_nothing_appended(tiny_ckpt, task_csv, tmp_path, capsys):
+    results = tmp_path / 'scores.csv'
+    empty_fold = _variant(task_csv, tmp_path, lambda df: df.drop(columns='split').assign(
+        fold=np.where(df.index == 3, np.nan, df.index % 2 + 1)))
+    folds = str(write_labelled_task(tmp_path / 'f', n_per_class=(2, 1, 0), seconds=0.5, kinds=KINDS, folds=3))
+    ckpt, task = str(tiny_ckpt), str(task_csv)
+    for argv, message in [
+        (['lineareval', ckpt, task, '--batch_size', '0'], re.escape('lineareval: --batch_size must be at least 1, got 0')),
+        (['suite', ckpt, '--tasks', task, '--batch_size', '-4'], re.escape('suite: --batch_size must be at least 1, got -4')),
+        (['lineareval', ckpt, task, '--epochs', '0'], re.escape('lineareval: --epochs must be at least 1, got 0')),
+        (['finetune', ckpt, task, '--num_workers', '-1'], re.escape('finetune: --num_workers must be 0 or more, got -1')),
+        (['finetune', ckpt, task, '--fold', '0'], re.escape('finetune: --fold must be at least 1, got 0')),
+        (['lineareval', ckpt, task, '--duration', '0'], re.escape('lineareval: --duration must be above 0 seconds, got 0.0')),
+        (['finetune', ckpt, folds, '--fold', '4'], re.escape("finetune: no fold 4 in task 'f': its 3 folds are numbered 1 to 3")),
+        (['lineareval', ckpt, empty_fold, '--audio_root', str(task_csv.parent / 'audio')],
+         rf"lineareval: task 'bad': 1 rows of {re.escape(empty_fold)} have an empty fold: line 5 \(train/\w+\.wav\); "
+         'give every row a fold number'),
+    ]:
+        assert main([*argv, '--results', str(results)]) == 2, argv
+        assert re.fullmatch(f'error: {message}\n', capsys.readouterr().err), argv
+    assert not results.exists()  # no row, not even an empty one
+
+
+def test_finetune_command_without_batch_size_takes_the_default(tiny_ckpt, task_csv, tmp_path, one_thread):
+    results = tmp_path / 'scores.csv'
+    assert main(['finetune', str(tiny_ckpt), str(task_csv), '--epochs', '1', '--warmup_epochs', '0',
+                 '--results', str(results)]) == 0
+    assert 'batch_size=128' in pd.read_csv(results).options[0]
 
 
 def test_unknown_task_and_missing_data_root(tmp_path, monkeypatch, capsys):

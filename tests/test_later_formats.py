@@ -153,7 +153,7 @@ def test_evaluator_uses_stored_stats(tiny_ckpt, tmp_path):
     task = load_task(resolve_task(str(write_labelled_task(tmp_path / 'task', n_per_class=(2, 1, 1), seconds=0.5))))
     emb, _ = task_embeddings(path, task, dataset_norm=True, batch_size=4, cache_dir='')
     runtime = RuntimeM2D(weight_file=str(path))
-    audio = next(iter(clip_loader(task.files[:4], 0.5, 4)))
+    audio = next(iter(clip_loader(task.files[:4], 0.5, 4, sample_rate=16000)))
     expected = runtime.encode_lms((runtime.to_feature(audio) + 6.0) / 3.0).mean(1)
     torch.testing.assert_close(torch.from_numpy(emb[:4]), expected, atol=1e-5, rtol=1e-4)
 
@@ -201,3 +201,52 @@ def test_encode_files_with_stored_stats_does_not_depend_on_batching(tiny_ckpt, t
         np.testing.assert_allclose(four, one, atol=1e-5, rtol=1e-4)
         audio = torch.from_numpy(sf.read(tmp_path / 'wav' / f'{i}.wav', dtype='float32')[0])[None]
         np.testing.assert_allclose(one, runtime.encode(audio)[0].numpy(), atol=1e-5, rtol=1e-4)
+
+
+def write_32k_task(root: Path, high_tone: bool) -> Path:
+    """A task of 8 clips (0.5 s, 32 kHz files) of low tones (200-3000 Hz), with a 12 kHz tone added when
+    high_tone: audio at 16 kHz cannot hold it. -> the metadata CSV."""
+    import soundfile as sf
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 32000
+    (root / 'audio').mkdir(parents=True)
+    for i in range(8):
+        wav = sum(0.2 * np.sin(2 * np.pi * f * t + p) for f, p in zip(rng.uniform(200, 3000, 3), rng.uniform(0, 6, 3)))
+        wav = wav + (0.2 * np.sin(2 * np.pi * 12000 * t) if high_tone else 0)
+        sf.write(root / 'audio' / f'{i}.wav', wav.astype(np.float32), 32000, subtype='FLOAT')
+    splits = ['train'] * 4 + ['valid'] * 2 + ['test'] * 2
+    rows = [f'{i}.wav,{"ab"[i % 2]},{split}' for i, split in enumerate(splits)]
+    (root / 'metadata.csv').write_text('file_name,label,split\n' + '\n'.join(rows) + '\n')
+    return root / 'metadata.csv'
+
+
+def test_evaluator_gives_32k_weights_32k_audio(tiny_ckpt, tmp_path, monkeypatch):
+    """p32k weights get the task's audio at 32 kHz, in linear evaluation and in fine-tuning: their
+    embeddings are those of RuntimeM2D on the 32 kHz files, and a 12 kHz tone changes them."""
+    import soundfile as sf
+    from m2d.eval.embeddings import task_embeddings
+    from m2d.eval.finetune import FinetuneConfig, FinetuneModel, finetune
+    from m2d.eval.tasks import load_task, resolve_task
+    path = tmp_path / 'm2d_vit_tiny-80x208p16x16p32k-240101' / 'checkpoint-1.pth'
+    path.parent.mkdir()
+    path.write_bytes(tiny_ckpt.read_bytes())
+    runtime = RuntimeM2D(weight_file=str(path))
+    assert runtime.sample_rate == 32000
+    embeddings = {}
+    for high_tone in (False, True):
+        csv = write_32k_task(tmp_path / f'task{int(high_tone)}', high_tone)
+        task = load_task(resolve_task(str(csv)))
+        embeddings[high_tone], _ = task_embeddings(path, task, batch_size=4, cache_dir='')
+        audio = torch.stack([torch.from_numpy(sf.read(f, dtype='float32')[0]) for f in task.files])
+        expected = runtime.encode(audio).mean(1)
+        torch.testing.assert_close(torch.from_numpy(embeddings[high_tone]), expected, atol=1e-5, rtol=1e-4)
+    assert np.abs(embeddings[True] - embeddings[False]).mean() > 0.1 * np.abs(embeddings[False]).mean()
+
+    lengths = []
+    forward = FinetuneModel.forward
+    monkeypatch.setattr(FinetuneModel, 'forward',
+                        lambda self, audio: lengths.append(audio.shape[-1]) or forward(self, audio))
+    cfg = FinetuneConfig(lr=0.01, batch_size=4, epochs=1, warmup_epochs=0, mixup=0.0, freq_mask=0, time_mask=0,
+                         rrc=False)
+    finetune(path, str(csv), cfg, results=None)
+    assert lengths and set(lengths) == {16000}  # 0.5 s at 32 kHz: training, valid and test batches

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from m2d.audio_io import AudioReadError
-from m2d.cli import HelpFormatter, UsageError, run_tool
+from m2d.cli import HelpFormatter, UsageError, add_norm_stats_argument, run_tool
 
 from .embeddings import POOLINGS
 from .finetune import FinetuneConfig, finetune
@@ -48,6 +48,8 @@ def add_common(p: argparse.ArgumentParser, suite: bool = False) -> None:
     p.add_argument('--input_size', help='FxT, e.g. 80x608, when the folder name does not tell it')
     p.add_argument('--patch_size', help='pfxpt, e.g. 16x16')
     p.add_argument('--cls_token', action='store_true', help='prepend the [CLS] output to every frame feature')
+    add_norm_stats_argument(p, help='normalise every LMS with these fixed statistics, as EVAR\'s M2D wrapper with '
+                                    'mean/std set (default: training-set stats, or those the weights store)')
     p.add_argument('--trust_checkpoint', action='store_true',
                    help='unpickle anything in the weight file (it could run code): only for files you trust')
 
@@ -57,6 +59,8 @@ def runtime_settings(args) -> dict:
     for flag in ('cls_token', 'trust_checkpoint'):
         if getattr(args, flag):
             out[flag] = True
+    if args.norm_stats:
+        out['norm_stats'] = args.norm_stats
     return out
 
 
@@ -128,8 +132,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument('--seed', type=int, default=0, help='seed of the generated sounds')
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """Counts and lengths out of range are one-line errors (argparse would add its usage text)."""
+    for name, least in (('batch_size', 1), ('epochs', 1), ('fold', 1), ('num_workers', 0)):
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise UsageError(f'{args.command}: --{name} must be {"at least 1" if least else "0 or more"}, got {value}')
+    if getattr(args, 'duration', None) is not None and not args.duration > 0:
+        raise UsageError(f'{args.command}: --duration must be above 0 seconds, got {args.duration}')
+
+
 def run(args: argparse.Namespace) -> int:
-    """`m2d eval` / python -m m2d.eval: problems with the task, the data or the weights are one-line errors."""
+    """`m2d eval` / python -m m2d.eval: problems with the options, task, data or weights are one-line errors."""
+    check_numbers(args)
     try:
         if args.command == 'lineareval':
             row = linear_evaluation(args.weight, args.task, data_root=args.data_root, audio_root=args.audio_root,
@@ -138,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
                   f'{row["n_clips"]} clips, {row["classes"]} classes, {row["seconds"]} s'
                   f'{", cached embeddings" if row["cached"] else ""}) -> {args.results}')
         elif args.command == 'finetune':
-            cfg = FinetuneConfig(**{k: getattr(args, k) for k in FinetuneConfig.__dataclass_fields__})
-            cfg.batch_size = args.batch_size or cfg.batch_size
+            given = {k: getattr(args, k) for k in FinetuneConfig.__dataclass_fields__}
+            cfg = FinetuneConfig(**{k: v for k, v in given.items() if v is not None})  # no --batch_size: the default
             row = finetune(args.weight, args.task, cfg, data_root=args.data_root, audio_root=args.audio_root,
                            seconds=args.duration, fold=args.fold, results=args.results, num_workers=args.num_workers,
                            device=args.device, **runtime_settings(args))

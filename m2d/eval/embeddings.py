@@ -83,11 +83,12 @@ def fix_length(wav: torch.Tensor, samples: int, start: int = 0) -> torch.Tensor:
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Audio files -> 16 kHz mono clips of exactly `samples` samples (from the start; zero-padded).
-    With labels, items are (clip [samples], label); random_crop picks a random start in longer files."""
+    """Audio files -> mono clips at `sample_rate` (the runtime's: 32 kHz for p32k weights) of exactly
+    `samples` samples (from the start; zero-padded). With labels, items are (clip [samples], label);
+    random_crop picks a random start in longer files."""
 
     def __init__(self, files: Sequence[Path], samples: int, labels: Optional[np.ndarray] = None,
-                 random_crop: bool = False, sample_rate: int = 16000):
+                 random_crop: bool = False, *, sample_rate: int):
         self.files, self.samples, self.labels = list(files), samples, labels
         self.random_crop, self.sample_rate = random_crop, sample_rate
 
@@ -102,8 +103,9 @@ class ClipDataset(torch.utils.data.Dataset):
         return clip if self.labels is None else (clip, torch.as_tensor(self.labels[index]))
 
 
-def clip_loader(files: Sequence[Path], seconds: float, batch_size: int, num_workers: int = 0,
-                sample_rate: int = 16000) -> torch.utils.data.DataLoader:
+def clip_loader(files: Sequence[Path], seconds: float, batch_size: int, num_workers: int = 0, *,
+                sample_rate: int) -> torch.utils.data.DataLoader:
+    """Clips [batch_size, seconds * sample_rate] of the files, in order."""
     dataset = ClipDataset(files, int(round(seconds * sample_rate)), sample_rate=sample_rate)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
@@ -199,9 +201,10 @@ def task_embeddings(weight: Union[str, Path], task: TaskData, output_layers: Seq
     stats = None
     if dataset_norm and runtime.norm_stats is None:  # later-format weights bring their own fixed stats
         stat_files = task.files if task.split is None else [f for f, s in zip(task.files, task.split) if s == 'train']
-        stats = norm_stats(runtime, clip_loader(stat_files, task.spec.seconds, batch_size, num_workers))
-    emb = extract(runtime, clip_loader(task.files, task.spec.seconds, batch_size, num_workers), output_layers, stats,
-                  desc=f'{task.spec.name} embeddings', pooling=pooling)
+        stats = norm_stats(runtime, clip_loader(stat_files, task.spec.seconds, batch_size, num_workers,
+                                                sample_rate=runtime.sample_rate))
+    clips = clip_loader(task.files, task.spec.seconds, batch_size, num_workers, sample_rate=runtime.sample_rate)
+    emb = extract(runtime, clips, output_layers, stats, desc=f'{task.spec.name} embeddings', pooling=pooling)
     if path is not None:
         remove_stale_temp_files(path.parent)  # what killed runs left there
         try:

@@ -90,9 +90,10 @@ def predict(model: FinetuneModel, loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(logits), torch.cat(targets)
 
 
-def _loader(task: TaskData, rows: np.ndarray, batch_size: int, train: bool, num_workers: int):
-    samples = int(round(task.spec.seconds * 16000))
-    dataset = ClipDataset([task.files[i] for i in rows], samples, task.y[rows], random_crop=train)
+def _loader(task: TaskData, rows: np.ndarray, batch_size: int, train: bool, num_workers: int, sample_rate: int):
+    samples = int(round(task.spec.seconds * sample_rate))
+    dataset = ClipDataset([task.files[i] for i in rows], samples, task.y[rows], random_crop=train,
+                          sample_rate=sample_rate)
     return torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(rows)), shuffle=train,
                                        drop_last=train, num_workers=num_workers)
 
@@ -110,12 +111,13 @@ def finetune(weight: Union[str, Path], task: str, cfg: FinetuneConfig = Finetune
     index = data.indices(fold, seed=cfg.seed) if data.fold is not None else data.indices()
     runtime = make_runtime(weight, device=device, seed=cfg.seed, training_mask=cfg.training_mask, **runtime_settings)
     torch.manual_seed(cfg.seed)
-    stats = runtime.norm_stats or norm_stats(runtime, clip_loader([data.files[i] for i in index['train']],
-                                                                  spec.seconds, cfg.batch_size, num_workers))
+    sr = runtime.sample_rate  # the audio the model was trained on: 32 kHz for p32k weights
+    stats = runtime.norm_stats or norm_stats(runtime, clip_loader([data.files[i] for i in index['train']], spec.seconds,
+                                                                  cfg.batch_size, num_workers, sample_rate=sr))
     bf16 = runtime.device.type == 'cuda' and torch.cuda.is_bf16_supported()
     model = FinetuneModel(runtime, len(data.classes), stats, cfg, bf16).to(runtime.device)
-    train = _loader(data, index['train'], cfg.batch_size, True, num_workers)
-    valid, test = (_loader(data, index[s], cfg.batch_size, False, num_workers) for s in ('valid', 'test'))
+    train = _loader(data, index['train'], cfg.batch_size, True, num_workers, sr)
+    valid, test = (_loader(data, index[s], cfg.batch_size, False, num_workers, sr) for s in ('valid', 'test'))
     opt = make_optimizer(model, cfg)
     total, warmup = cfg.epochs * len(train), cfg.warmup_epochs * len(train)
     best, best_state, since_best, step = -1.0, None, 0, 0
@@ -145,6 +147,8 @@ def finetune(weight: Union[str, Path], task: str, cfg: FinetuneConfig = Finetune
     model.load_state_dict(best_state)
     test_score = score(*predict(model, test), data.multi_label)
     options = ' '.join(f'{k}={v}' for k, v in asdict(cfg).items())
+    if runtime_settings.get('norm_stats'):
+        options += f' norm_stats={list(runtime_settings["norm_stats"])}'
     row = dict(weight=str(weight), task=spec.name, metric='mAP' if data.multi_label else 'accuracy',
                score=test_score, seconds=round(time.time() - started, 1), mode='finetune', options=options)
     if results is not None:

@@ -43,7 +43,8 @@ def linear_evaluation(weight: Union[str, Path], task: str, data_root: Optional[s
     (a task name or a metadata CSV path); append a row to `results` (None: don't) and return it,
     with the valid score, per-fold scores and whether the embeddings came from the cache.
 
-    runtime_settings: RuntimeM2D settings such as model, input_size, patch_size, cls_token.
+    runtime_settings: RuntimeM2D settings such as model, input_size, patch_size, cls_token, norm_stats=[mean, std]
+    (fixed LMS statistics in place of dataset_norm's or the stored ones).
     pooling: clip embedding from frame features, 'mean' (published) or 'mean+std' (embeddings.POOLINGS).
     """
     started = time.time()
@@ -53,7 +54,9 @@ def linear_evaluation(weight: Union[str, Path], task: str, data_root: Optional[s
     emb, cached = task_embeddings(weight, data, output_layers, dataset_norm, batch_size, num_workers, seed, device,
                                   cache_dir, runtime_settings, pooling)
     outcome = probe_task(emb, data, probe)
-    options = f'layers={list(output_layers)} dataset_norm={dataset_norm} lr={probe.lr}'
+    fixed = runtime_settings.get('norm_stats')
+    norm = f'norm_stats={list(fixed)}' if fixed else f'dataset_norm={dataset_norm}'
+    options = f'layers={list(output_layers)} {norm} lr={probe.lr}'
     if pooling != 'mean':
         options += f' pooling={pooling}'
     label = str(weight)

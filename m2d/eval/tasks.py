@@ -181,6 +181,9 @@ class TaskData:
         if self.fold is None:
             return {s: np.flatnonzero(self.split == s) for s in SPLITS}
         folds = np.unique(self.fold)
+        if not 1 <= fold <= len(folds):
+            n = len(folds)
+            raise TaskError(f'no fold {fold} in task {self.spec.name!r}: its {n} folds are numbered 1 to {n}')
         rest = np.flatnonzero(self.fold != folds[fold - 1])
         rest = np.random.default_rng(seed).permutation(rest)
         n_valid = max(1, int(round(len(rest) * valid_ratio)))
@@ -213,6 +216,12 @@ def load_task(spec: TaskSpec, check_audio: bool = True) -> TaskData:
     classes = sorted({l for ls in labels for l in ls})
     if len(classes) < 2:
         raise TaskError(f'task {spec.name!r}: only one class ({classes}); a classifier needs at least two')
+    column = 'split' if 'split' in df.columns else 'fold'
+    unassigned = np.flatnonzero(df[column].isna()).tolist()
+    if unassigned:  # an empty fold would be a fold of its own (NaN), an empty split an unknown one
+        raise TaskError(f'task {spec.name!r}: {len(unassigned)} rows of {spec.metadata} have an empty {column}: '
+                        f'{_rows(df, unassigned)}; give every row a '
+                        + ('split (train, valid or test)' if column == 'split' else 'fold number'))
     split = fold = None
     if 'split' in df.columns:
         split = df.split.astype(str).str.strip().str.lower().replace({'val': 'valid', 'validation': 'valid'}).values
