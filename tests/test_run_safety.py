@@ -261,3 +261,26 @@ def test_logs_show_each_epoch_and_step_once_after_kills_and_resumes(lms_data, tm
     assert len(list(out.glob('events.out.tfevents.*'))) == 5
     for tag in ('train_loss', 'lr', 'ema_decay'):
         assert [e.step for e in events.Scalars(tag)] == list(range(12)), tag
+
+
+# ----- 5. flags and schedules ----------------------------------------------------------------------
+
+def test_bad_numbers_are_one_line_errors(lms_data, tmp_path, capsys):
+    for flag, value, says in (('--threads', '-1', '--threads must be a whole number of 0 or more, got -1'),
+                              ('--clip_grad', 'nan', '--clip_grad must be a finite number of 0 or more'),
+                              ('--warmup_epochs', '-2', '--warmup_epochs must be a finite number of 0 or more')):
+        assert cli(argv=argv(lms_data, tmp_path / 'run', flag, value)) == 2
+        assert says in one_line_error(capsys)
+    assert not (tmp_path / 'run').exists()
+
+
+def test_init_from_scales_a_warm_up_longer_than_the_run(lms_data, tmp_path, capsys):
+    """--init_from ... --epochs 2 would keep the published 20 warm-up epochs and never reach the lr: it gets
+    the published share (20 of 300 epochs) instead; a given --warmup_epochs stays, with a note."""
+    assert cli(argv=argv(lms_data, tmp_path / 'first', '--epochs', '1')) == 0
+    further = ['--init_from', str(tmp_path / 'first' / 'checkpoint-1.pth'), *resume_argv(lms_data), '--epochs', '2']
+    assert cli(argv=[*further, '--output_dir', str(tmp_path / 'a')]) == 0
+    assert load_checkpoint(tmp_path / 'a' / 'checkpoint-2.pth')['args'].warmup_epochs == pytest.approx(2 * 20 / 300)
+    capsys.readouterr()
+    assert cli(argv=[*further, '--output_dir', str(tmp_path / 'b'), '--warmup_epochs', '5']) == 0
+    assert 'Note: the lr warm-up (5 epochs) spans the whole run (2 epochs)' in capsys.readouterr().out
