@@ -73,7 +73,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, foreach=False)
         ema = python_ema
     else:
-        precision = Precision.for_device(device)
+        precision = Precision.from_flag('bf16' if cuda else None, device)
         optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=cuda)
         ema = update_target
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
@@ -82,7 +82,7 @@ def main() -> None:
 
     def step(m: torch.nn.Module) -> None:
         forward_backward(m, batch, args.mask_ratio, precision, scaler)
-        optimizer_step(optimizer, scaler, params, clip_grad=3.0)
+        optimizer_step(optimizer, scaler, params, clip_grad=0.0)
         ema(model, 0.9999)
 
     def sync() -> None:

@@ -130,6 +130,18 @@ def crop_or_pad(lms: np.ndarray, start: int, crop_frames: int) -> np.ndarray:
     return x
 
 
+def published_norm_stats(files: Sequence[str], data_path: PathLike, crop_frames: int,
+                         n_crops: int = NORM_STATS_CROPS) -> tuple[float, float]:
+    """The published implementation's estimate: n_crops random crops (random_crop) of files drawn with
+    replacement, both from numpy's global RNG, which moves as in a published run; -> (mean, unbiased
+    std + eps) over every value (here accumulated in float64; the published code used float32 torch ops)."""
+    picks = np.random.randint(0, len(files), size=n_crops)
+    stats = RunningMeanStd()
+    for pick in picks:
+        stats.add(random_crop(Path(data_path) / files[pick], crop_frames))
+    return stats.mean, stats.sample_std + EPS
+
+
 def compute_norm_stats(files: Sequence[str], data_path: PathLike, crop_frames: int,
                        n_crops: int = NORM_STATS_CROPS, seed: int = 0, workers: int = 16) -> tuple[float, float, int]:
     """Mean and std (+eps) over up to n_crops random unnormalised crops (one per drawn file).
@@ -155,8 +167,8 @@ def compute_norm_stats(files: Sequence[str], data_path: PathLike, crop_frames: i
 class SpectrogramDataset(Dataset):
     """Random crops of LMS files -> normalised tensors [1, F, crop_frames].
 
-    Files are memory-mapped, so only the cropped frames are read. The crop start is drawn from
-    torch's RNG (seeded per DataLoader worker), which keeps runs reproducible under a fixed seed.
+    Files are memory-mapped, so only the cropped frames are read. The crop start is drawn from numpy's
+    global RNG, as published (seeded per DataLoader worker by torch), so runs reproduce under a fixed seed.
 
     With `noise` (a BackgroundNoise), each crop is mixed with a random background crop first (the
     later M2D's background-noise mixing, a regulariser for small data; see BackgroundNoise.mix).
@@ -181,13 +193,14 @@ class SpectrogramDataset(Dataset):
 
 
 def random_crop(path: PathLike, crop_frames: int, tile: bool = False) -> np.ndarray:
-    """A random crop (1, F, crop_frames) of an LMS file (start drawn from torch's RNG). Shorter files
-    are right-padded with zeros, or with tile=True repeated until they fill the crop."""
+    """A random crop (1, F, crop_frames) of an LMS file, its start drawn as published: from numpy's
+    global RNG, np.random.randint(T - crop_frames). Shorter files are right-padded with zeros, or with
+    tile=True repeated until they fill the crop."""
     lms = np.load(path, mmap_mode='r')
     if tile and lms.shape[-1] < crop_frames:
         lms = np.tile(lms, (1, 1, -(-crop_frames // lms.shape[-1])))
     excess = lms.shape[-1] - crop_frames
-    start = int(torch.randint(excess, ())) if excess > 0 else 0
+    start = np.random.randint(excess) if excess > 0 else 0
     return crop_or_pad(lms, start, crop_frames)
 
 

@@ -1,8 +1,9 @@
 """One pre-training epoch, and the pieces of one training step (shared with bench/bench_train.py).
 
 A step: forward under autocast -> loss / accum_iter -> backward (through a GradScaler for fp16) ->
-on the last micro-batch of an accumulation window: unscale, clip the gradient norm, optimizer step,
-zero grads, and (M2D) the EMA update of the target network.
+on the last micro-batch of an accumulation window: unscale, clip the gradient norm (when asked; the
+published runs never clipped), optimizer step (skipped by the scaler when fp16 gradients overflowed),
+zero grads, and (M2D) the EMA update of the target network, which runs after a skipped step too.
 """
 import contextlib
 import datetime
@@ -23,6 +24,9 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; training cannot go on."""
 
 
+AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'none': None}
+
+
 @dataclass
 class Precision:
     """Mixed-precision settings: autocast dtype (None = fp32) and whether fp16 needs a GradScaler."""
@@ -37,11 +41,12 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
     @classmethod
-    def for_device(cls, device: torch.device) -> 'Precision':
-        """bf16 on CUDA where supported (no loss scaling needed), else fp16; fp32 on CPU."""
-        if device.type != 'cuda':
-            return cls(None, device.type)
-        return cls(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16, 'cuda')
+    def from_flag(cls, amp: Optional[str], device: torch.device) -> 'Precision':
+        """--amp fp16 | bf16 | none; None: fp16 on CUDA, as the published recipe (autocast with a dynamic
+        loss scaler: a step whose gradients overflow is skipped), fp32 on the CPU."""
+        if amp is None:
+            amp = 'fp16' if device.type == 'cuda' else 'none'
+        return cls(AMP_DTYPES[amp], device.type)
 
 
 @dataclass

@@ -12,7 +12,7 @@ EPS = torch.finfo(torch.float32).eps
 
 
 class RunningMeanStd:
-    """Mean and (population) std over every value of many arrays, accumulated in float64."""
+    """Mean and std (population; sample_std: unbiased) over every value of many arrays, in float64."""
 
     def __init__(self):
         self.total = self.total_sq = 0.0
@@ -31,6 +31,11 @@ class RunningMeanStd:
     @property
     def std(self) -> float:
         return math.sqrt(max(self.total_sq / self.count - self.mean ** 2, 0.0))
+
+    @property
+    def sample_std(self) -> float:
+        """The unbiased (n - 1) std, as torch.std."""
+        return self.std * math.sqrt(self.count / max(self.count - 1, 1))
 
 
 class LogMelSpectrogram(nn.Module):

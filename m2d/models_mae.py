@@ -62,7 +62,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.encoder_only = encoder_only
         self.mask_fn: Callable = random_unstructured_mask
-        self.patch_embed = PatchEmbed(_pair(img_size), _pair(patch_size), in_chans, embed_dim, strict_img_size=False)
+        patch_size = _pair(patch_size)
+        self.patch_embed = PatchEmbed(_pair(img_size), patch_size, in_chans, embed_dim, strict_img_size=False)
         num_patches = self.patch_embed.num_patches
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -77,18 +78,10 @@ class MaskedAutoencoderViT(nn.Module):
             self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
             self.decoder_blocks = _vit_blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
             self.decoder_norm = layer_norm(decoder_embed_dim)
-            self.decoder_pred = nn.Linear(decoder_embed_dim, self.prediction_dim(embed_dim))
-        self.add_target_network(embed_dim, depth, num_heads, mlp_ratio)
+            self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size[0] * patch_size[1] * in_chans)  # pixels
         self.initialize_weights()
 
     # ----- structure -----------------------------------------------------------------------------
-
-    def prediction_dim(self, embed_dim: int) -> int:
-        """Width of one decoder prediction: the pixels of one patch."""
-        return self.patch_embed.patch_size[0] * self.patch_embed.patch_size[1] * self.in_chans
-
-    def add_target_network(self, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float) -> None:
-        """MAE has no target network."""
 
     def grid_size(self) -> tuple[int, int]:
         """Patch grid (F', T')."""
@@ -268,25 +261,27 @@ class M2DViT(MaskedAutoencoderViT):
     pred in ids_shuffle order, as the target.
     """
 
-    def __init__(self, *args, loss_type: str = 'norm_mse', target_layers: Optional[list[int]] = None, **kwargs):
+    def __init__(self, *, loss_type: str = 'norm_mse', target_layers: Optional[list[int]] = None,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, **kwargs):
         if loss_type not in ('norm_mse', 'mse'):
             raise ValueError(f"loss_type must be 'norm_mse' or 'mse', got {loss_type!r}")
+        if target_layers and not all(0 <= i < depth for i in target_layers):
+            raise ValueError(f'target_layers {list(target_layers)} must index the {depth} target blocks')
+        super().__init__(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, **kwargs)
         self.loss_type = loss_type
         self.target_layers = list(target_layers) if target_layers else None
-        super().__init__(*args, **kwargs)
-
-    def prediction_dim(self, embed_dim: int) -> int:
-        return embed_dim
-
-    def add_target_network(self, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float) -> None:
         if self.encoder_only:
             return
-        if self.target_layers and not all(0 <= i < depth for i in self.target_layers):
-            raise ValueError(f'target_layers {self.target_layers} must index the {depth} target blocks')
+        # Built and initialised after the whole MAE, its pixel head replaced last, as the published code
+        # does: the random draws come in the same order, so a seed gives the published initial weights.
         self.target_blocks = _vit_blocks(embed_dim, depth, num_heads, mlp_ratio)
         self.target_norm = layer_norm(embed_dim)
         self.target_blocks.requires_grad_(False)
         self.target_norm.requires_grad_(False)
+        self.target_blocks.apply(self._init_weights)
+        self.target_norm.apply(self._init_weights)
+        self.decoder_pred = nn.Linear(self.decoder_pred.in_features, embed_dim)  # predicts target representations
+        self.decoder_pred.apply(self._init_weights)
 
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(online, target) parameters in matching order: blocks->target_blocks, norm->target_norm."""

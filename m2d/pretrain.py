@@ -41,8 +41,8 @@ from .checkpoint import (MAX_BLOCKS, PRETRAINING_PREFIXES, CheckpointError, chec
 from .cli import (LOAD_ERRORS, HelpFormatter, Interrupted, OutputError, UsageError, add_norm_stats_argument,
                   check_writable, guarded, parse_norm_stats, parse_numbers, writing)
 from .data import (NORM_STATS_CROPS, BackgroundNoise, SpectrogramDataset, check_files, compute_norm_stats,
-                   load_vis_samples, read_file_list)
-from .engine_pretrain import NonFiniteLossError, Precision, RunClock, Schedule, train_one_epoch
+                   load_vis_samples, published_norm_stats, read_file_list)
+from .engine_pretrain import AMP_DTYPES, NonFiniteLossError, Precision, RunClock, Schedule, train_one_epoch
 from .models_mae import MODELS, MaskedAutoencoderViT, create_model
 from .run_folder import RunFolderError, check_ownership, checkpoint_epochs, in_use, move_aside, run_lock
 from .visualize import save_loss_curve, save_mask_figure
@@ -121,7 +121,12 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     # Optimizer.
     p.add_argument('--optim', default='adamw', choices=['adamw', 'sgd'], help='AdamW (0.9, 0.95) or SGD (momentum 0.9)')
     p.add_argument('--weight_decay', default=0.05, type=float, help='weight decay (not on biases and 1-D parameters)')
-    p.add_argument('--clip_grad', default=3.0, type=float, help='gradient-norm clipping (0 = off)')
+    p.add_argument('--clip_grad', default=0.0, type=float,
+                   help='clip the gradient norm at this value; 0 = off (default: off, as the published runs, whose '
+                        'train_audio.py parses --clip_grad 3.0 but never applies it)')
+    p.add_argument('--amp', default=None, choices=sorted(AMP_DTYPES),
+                   help='mixed precision: fp16 (autocast with a dynamic loss scaler), bf16, or none (fp32) '
+                        '(default: fp16 on CUDA, as published; none on the CPU)')
     p.add_argument('--lr', default=None, type=float, help='absolute lr (default: blr * effective batch / 256)')
     p.add_argument('--blr', default=3e-4, type=float, help='base lr for an effective batch of 256')
     p.add_argument('--min_lr', default=0.0, type=float, help='lr at the end of the half-cosine decay')
@@ -151,6 +156,11 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
                    help='torch threads per process (0: torch\'s default when OMP_NUM_THREADS is set or on CUDA, '
                         'else the cores that other processes leave idle)')
     p.add_argument('--seed', default=0, type=int, help='seed of the weights, data order, crops and masks')
+    p.add_argument('--published_data', action='store_true',
+                   help="the published code's data quirks, for comparison with its runs: on one process the "
+                        'epoch-1 order every epoch, sampler seed 0 whatever --seed, the last batch padded, and '
+                        'without --norm_stats the statistics of 10,000 crops drawn with replacement on each process '
+                        '(docs/differences.md)')
     p.add_argument('--resume', default='', type=str,
                    help='checkpoint to continue from, in its own run folder; what it stores of the model and the '
                         'optimisation fills the flags not given (' + ', '.join(RESUMED_ARGS) + '); everything else '
@@ -181,7 +191,8 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
 RESUMED_ARGS = ('model', 'depth', 'decoder_depth', 'input_size', 'patch_size', 'mask_ratio', 'mask_span',
                 'mask_span_share', 'norm_pix_loss', 'ema_decay_init', 'ema_decay', 'loss_fn', 'target_layers',
                 'optim', 'weight_decay', 'clip_grad', 'lr', 'blr', 'min_lr', 'warmup_epochs', 'epochs',
-                'batch_size', 'accum_iter', 'norm_stats', 'noise_ratio', 'seed', 'save_freq')
+                'batch_size', 'accum_iter', 'norm_stats', 'noise_ratio', 'seed', 'save_freq', 'amp',
+                'published_data')
 # Stored settings a user might expect a resume to carry on; a note names those that differ.
 NOTED_IF_NOT_RESUMED = ('data_path', 'dataset', 'csv_bg_noise', 'skip_missing', 'log_dir', 'eval_scripts',
                         'eval_after', 'device', 'compile')
@@ -551,17 +562,11 @@ def build_model(args: argparse.Namespace) -> MaskedAutoencoderViT:
     return model
 
 
-def initial_model(args: argparse.Namespace) -> MaskedAutoencoderViT:
-    """The model a run starts from before --init_from or --resume: built right after seeding with
-    --seed, so every rank, and a random-weights baseline made from the same args, has the same weights."""
-    seed_everything(args.seed)
-    return build_model(args)
-
-
 def save_initial_checkpoint(args: argparse.Namespace, path: Path) -> Path:
-    """The weights a run with `args` starts from, with the args, as a checkpoint RuntimeM2D and the
-    evaluator read (a random-initialisation baseline)."""
-    return save_atomic({'model': initial_model(args).state_dict(), 'args': args}, path)
+    """The weights a one-process run with `args` starts from (seeded with --seed, then built, as the run
+    does), with the args, as a checkpoint RuntimeM2D and the evaluator read (a random-init baseline)."""
+    seed_everything(args.seed)
+    return save_atomic({'model': build_model(args).state_dict(), 'args': args}, path)
 
 
 def build_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -601,6 +606,8 @@ def _prepare_data(args: argparse.Namespace, print_fn: Callable[[str], None]) -> 
     if args.norm_stats is not None:
         print_fn(f'Normalisation stats: mean {args.norm_stats[0]}, std {args.norm_stats[1]}')
         return files, args.norm_stats
+    if args.published_data:  # estimated on each process once seeded (_train)
+        return files, None
     mean, std, n = compute_norm_stats(files, args.data_path, args.input_size[1], seed=args.seed)
     fewer = ' (every file once: there are fewer files than that)' if n < NORM_STATS_CROPS else ''
     print_fn(f'Normalisation stats from {n} random crops{fewer}: mean {mean:.4f}, std {std:.4f} '
@@ -756,15 +763,22 @@ def background_noise(args: argparse.Namespace, files: list[str]) -> Optional[Bac
 
 
 def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> RunResult:
-    # The same initial weights on every rank (DDP broadcasts them anyway); then per-rank streams.
-    raw_model = initial_model(args).to(device)
+    # One seed per rank before the model is built, as published: a seed gives the published initial weights
+    # and random streams (DDP hands rank 0's weights to every rank).
     seed_everything(args.seed + info.rank)
+    if args.norm_stats is None:  # --published_data: each process estimates its own, from its seeded RNG
+        args.norm_stats = list(published_norm_stats(files, args.data_path, args.input_size[1]))
+        print_fn(f'Normalisation stats (published estimate, on each process) from {NORM_STATS_CROPS} crops drawn '
+                 f'with replacement: mean {args.norm_stats[0]:.4f}, std {args.norm_stats[1]:.4f}')
+    raw_model = build_model(args).to(device)
 
     dataset = SpectrogramDataset(files, args.data_path, args.input_size[1], args.norm_stats,
                                  background_noise(args, files))
     # A seeded per-epoch shuffle (set_epoch) for one process too: the order depends only on seed and epoch.
+    # --published_data: sampler seed 0, a padded last batch, and (on one process) the epoch-1 order throughout.
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
+                                 seed=0 if args.published_data else args.seed, drop_last=not args.published_data)
+    reshuffle = info.distributed or not args.published_data
     # Workers start afresh each epoch (not persistent), seeded from the main RNG: a resume stays exact.
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True)
@@ -780,7 +794,7 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
         print_fn(f'Note: the lr warm-up ({args.warmup_epochs:g} epochs) spans the whole run ({args.epochs} epochs): '
                  'the lr only rises and never decays; pass a smaller --warmup_epochs')
 
-    precision = Precision.for_device(device)
+    precision = Precision.from_flag(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     optimizer = build_optimizer(args, raw_model, device)
     start_epoch = args.start_epoch
@@ -814,7 +828,8 @@ def _train(args, info, device, out, files, checkpoint, eval_dir, print_fn) -> Ru
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, last_epoch):
-            sampler.set_epoch(epoch)
+            if reshuffle:
+                sampler.set_epoch(epoch)
             try:
                 stats = train_one_epoch(model, raw_model, loader, optimizer, scaler, precision, schedule, epoch,
                                         device, args.mask_ratio, args.accum_iter, args.clip_grad, args.print_freq,

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import make_checkpoint, make_lms_dataset, press_ctrl_c, start_as_in_a_terminal
 
-from m2d.engine_pretrain import Precision, Schedule, optimizer_step
+from m2d.engine_pretrain import Precision, Schedule, optimizer_step, train_one_epoch
 from m2d.models_mae import M2DViT
 from m2d.pretrain import build_model, build_optimizer, cli, get_args_parser, main, save_checkpoint
 from m2d.runtime_audio import RuntimeM2D
@@ -95,7 +95,40 @@ def test_gradient_clipping_is_applied():
     w.grad = torch.full((4,), 10.0)
     optimizer_step(opt, torch.amp.GradScaler('cpu', enabled=False), [w], clip_grad=3.0)
     assert w.norm().item() == pytest.approx(3.0) and w.grad is None
-    assert Precision.for_device(torch.device('cpu')).dtype is None  # fp32 on CPU
+    # Off by default, as in the published runs (their --clip_grad 3.0 never reached the loss scaler).
+    assert get_args_parser().parse_args([]).clip_grad == 0
+    w.grad = torch.full((4,), 10.0)
+    optimizer_step(opt, torch.amp.GradScaler('cpu', enabled=False), [w], clip_grad=0)
+    assert w.norm().item() == pytest.approx(3.0 + 20.0)
+
+
+def test_mixed_precision_follows_the_published_recipe(one_thread):
+    """--amp: fp16 with a dynamic loss scaler on CUDA by default (published), fp32 on the CPU; with fp16 a
+    step whose gradients overflow is skipped and the scale halves, while the EMA update of the target runs."""
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    assert Precision.from_flag(None, cpu).dtype is None and Precision.from_flag(None, cuda).dtype == torch.float16
+    assert Precision.from_flag(None, cuda).use_scaler and not Precision.from_flag('bf16', cuda).use_scaler
+    assert get_args_parser().parse_args(['--amp', 'bf16']).amp == 'bf16'
+
+    torch.manual_seed(0)
+    model = M2DViT(img_size=[80, 64], embed_dim=64, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                   decoder_num_heads=2, norm_pix_loss=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    schedule = Schedule(1e-3, 0.0, 0, 1, iters_per_epoch=1, ema_decay_init=0.9, ema_decay_final=0.9)
+    batch = [torch.randn(4, 1, 80, 64)]
+
+    def step(scaler):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        train_one_epoch(model, model, batch, optimizer, scaler, Precision.from_flag('fp16', cpu), schedule, 0, cpu,
+                        0.7, print_fn=lambda _: None)
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        return {k.split('.')[0] for k in changed}
+
+    huge = torch.amp.GradScaler('cpu', init_scale=2.0 ** 40)  # fp16 gradients overflow at this scale
+    assert step(huge) == {'target_blocks'} and huge.get_scale() == 2.0 ** 39  # (target_norm equals norm still)
+    usual = torch.amp.GradScaler('cpu')
+    assert {'blocks', 'decoder_pred', 'target_blocks'} <= step(usual) and usual.get_scale() == 2.0 ** 16
 
 
 # ----- a whole run ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ PCG64 draws in the recorded order), so a clean clone checks itself; the comparis
 tolerances are those of the project's shared golden check.
 """
 import json
-import zlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,9 @@ import torch
 from m2d.models_mae import m2d_vit_base
 from m2d.runtime_audio import RuntimeM2D
 
+sys.path.insert(0, str(Path(__file__).parent / 'reference'))
+from seeded_weights import seeded_state_dict  # noqa: E402
+
 GOLDEN = Path(__file__).parent / 'golden'
 TOL = {'lms': 2e-3, 'encode': 2e-3, 'scene': 1e-3, 'layers_last': 2e-3, 'train_loss': 2e-5, 'train_pred': 1e-3}
 ENCODER_KEYS = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'norm.')
@@ -24,36 +27,9 @@ ENCODER_KEYS = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'norm.')
 
 # ----- the recorded inputs ----------------------------------------------------------------------
 
-def sincos_table(dim: int, grid_f: int, grid_t: int) -> np.ndarray:
-    """MAE's fixed 2-D sin-cos positions with a zero [CLS] row: [1 + F*T, dim] float32.
-    Each half of dim encodes one axis (time first) as [sin, cos] of pos * 10000^(-2i/(dim/2))."""
-    def axis(pos):
-        omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
-        angles = pos.reshape(-1).astype(np.float64)[:, None] * omega[None]
-        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-    t, f = np.meshgrid(np.arange(grid_t, dtype=np.float32), np.arange(grid_f, dtype=np.float32))
-    table = np.concatenate([np.zeros((1, dim)), np.concatenate([axis(t), axis(f)], axis=1)])
-    return table.astype(np.float32)
-
-
 def published_state_dict(layout: list, seed: int, keys=None) -> dict[str, torch.Tensor]:
-    """The recorded checkpoint's values: each key draws from its own generator seeded by
-    (seed, crc32(key)); positions are the sin-cos tables (5 frequency rows), norm weights
-    1 + 0.1 N(0, 1), everything else 0.02 N(0, 1). keys: only those starting with one of these."""
-    state = {}
-    for key, shape in layout:
-        if keys and not key.startswith(keys):
-            continue
-        rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-        parts = key.split('.')
-        if key.endswith('pos_embed'):
-            value = sincos_table(shape[2], 5, (shape[1] - 1) // 5)[None]
-        elif len(parts) > 1 and 'norm' in parts[-2] and key.endswith('weight'):
-            value = 1.0 + 0.1 * rng.standard_normal(shape)
-        else:
-            value = 0.02 * rng.standard_normal(shape)
-        state[key] = torch.from_numpy(np.asarray(value, dtype=np.float32))
-    return state
+    """The recorded checkpoint's values (seeded_weights.py; the 80x608 crop has 5 frequency rows)."""
+    return seeded_state_dict(layout, seed, grid_f=5, keys=keys)
 
 
 def golden_audio() -> np.ndarray:
