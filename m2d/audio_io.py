@@ -1,5 +1,6 @@
 """Reading audio files as 16 kHz mono float32, bit for bit as the published pipeline did with
 librosa.load(path, sr=16000, mono=True) (librosa 0.10/0.11), without importing librosa."""
+import argparse
 import struct
 from pathlib import Path
 from typing import Optional, Union
@@ -9,6 +10,11 @@ import soundfile as sf
 import soxr
 
 AUDIO_SUFFIXES = ('.wav', '.flac', '.ogg')
+# The longest audio `m2d wav2lms` and `m2d encode` read by default (--max_seconds): one hour. Converting
+# or encoding a file takes memory in proportion to its length (some 2 GB per hour of audio; there is one
+# file per worker at a time), so a header claiming days would exhaust memory before failing. An hour is
+# far beyond the clips of the usual data sets (AudioSet 10 s, FSD50K at most 30 s).
+MAX_SECONDS = 3600.0
 
 
 class AudioReadError(RuntimeError):
@@ -71,17 +77,42 @@ def wav_declared_frames(path: Union[str, Path]) -> Optional[int]:
             f.seek(size + (size & 1) - len(body), 1)  # chunks are padded to an even size
 
 
-def load_audio(path: Union[str, Path], sample_rate: int = 16000) -> np.ndarray:
+def add_max_seconds_argument(parser: argparse.ArgumentParser) -> None:
+    """--max_seconds, the same for every tool that reads audio files (see MAX_SECONDS)."""
+    parser.add_argument('--max_seconds', type=float, default=MAX_SECONDS,
+                        help="fail files longer than this many seconds by their header, before reading any "
+                             "sample: memory grows with a file's length (about 2 GB per hour of audio), so a long "
+                             "or false header cannot exhaust it (default: 3600, an hour, far beyond usual clips: "
+                             "AudioSet's 10 s)")
+
+
+def check_max_seconds(max_seconds: float) -> None:
+    """Raise ValueError unless `max_seconds` is a usable limit for load_audio (> 0; inf for none)."""
+    if not max_seconds > 0:
+        raise ValueError(f'--max_seconds must be more than 0 seconds, got {max_seconds:g}')
+
+
+def load_audio(path: Union[str, Path], sample_rate: int = 16000, max_seconds: Optional[float] = None) -> np.ndarray:
     """Read any soundfile-readable file -> mono float32 [S] at `sample_rate`, S = ceil(S_file * sample_rate / sr).
 
     Equal to librosa.load(path, sr=sample_rate, mono=True)[0]: samples decoded as float32, the mean
     of the channels, soxr 'HQ' resampling. Raises AudioReadError naming the file when it cannot be
-    decoded, is empty, is a WAV file shorter than its header says (libsndfile would silently return the
-    part that is there), or holds NaN/inf samples (librosa rejects those too).
+    decoded, is empty, is longer than `max_seconds` by its header (checked before any sample is read),
+    is a WAV file shorter than its header says (libsndfile would silently return the part that is
+    there), or holds NaN/inf samples (librosa rejects those too).
     """
     try:
-        wav, sr = sf.read(str(path), dtype='float32', always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            seconds = f.frames / f.samplerate
+            if max_seconds is not None and seconds > max_seconds:  # from the header: nothing decoded yet
+                length = f'{seconds / 3600:.1f} h of audio ({seconds:.0f} s)' if seconds >= 3600 else \
+                    f'{seconds:.1f} s of audio'
+                raise AudioReadError(f'{path}: {length} is over --max_seconds {max_seconds:g}; '
+                                     'raise --max_seconds to read it')
+            wav, sr = f.read(dtype='float32', always_2d=True), f.samplerate
         declared = wav_declared_frames(path)
+    except AudioReadError:
+        raise
     except Exception as e:  # soundfile raises several types for missing/corrupt/unknown formats
         raise AudioReadError(f'{path}: cannot read audio ({e})') from e
     if wav.shape[0] == 0:

@@ -27,20 +27,29 @@ _WRITE_REASONS = {errno.ENOSPC: 'no space left on device', errno.EDQUOT: 'disk q
                   errno.EROFS: 'not writable (read-only file system)',
                   errno.EACCES: 'not writable (permission denied)',
                   errno.EPERM: 'not writable (operation not permitted)',
-                  errno.ENOTDIR: 'a file is in the way, not a folder'}
+                  errno.ENOTDIR: 'a file is in the way, not a folder',
+                  errno.EEXIST: 'a file is in the way, not a folder'}  # from making the folders of a path
+# Write errors that every later write to the same disk meets too: a batch job stops at the first one
+# instead of failing each remaining file the same way.
+DISK_WIDE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class UsageError(ValueError):
     """Bad arguments or data: reported as one line (no traceback), exit status 2."""
 
 
-class OutputError(UsageError):
-    """An output could not be written (disk full, read-only, ...): 'cannot write PATH: REASON'."""
+def write_error_reason(error: OSError) -> str:
+    """Why a write failed, in a few words: 'no space left on device', 'file name too long', ..."""
+    return _WRITE_REASONS.get(error.errno) or (error.strerror or str(error)).lower()
 
-    def __init__(self, path: Union[str, Path], reason: Union[str, OSError]):
+
+class OutputError(UsageError):
+    """An output could not be written (disk full, read-only, ...): 'cannot write PATH: REASON[; NOTE]'."""
+
+    def __init__(self, path: Union[str, Path], reason: Union[str, OSError], note: str = ''):
         if isinstance(reason, OSError):
-            reason = _WRITE_REASONS.get(reason.errno) or (reason.strerror or str(reason)).lower()
-        super().__init__(f'cannot write {path}: {reason}')
+            reason = write_error_reason(reason)
+        super().__init__(f'cannot write {path}: {reason}' + (f'; {note}' if note else ''))
         self.path = Path(path)
 
 

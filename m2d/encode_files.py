@@ -13,11 +13,12 @@ file's embedding never depends on the other files or on the batch size (it equal
 `runtime.get_scene_embeddings(audio[None])`). --norm_stats "[MEAN, STD]" uses the given statistics and
 --dataset_norm computes them over all the input files first (a pass that reads every file once).
 
-Files that cannot be read, are empty or truncated, shorter than one patch (150 ms), or digital
-silence (under per-clip normalisation) are listed at the end; the others are still encoded. Existing
+Files that cannot be read, are empty or truncated, longer than --max_seconds (by their header, so
+nothing is decoded), shorter than one patch (150 ms), or digital silence (under per-clip normalisation),
+and outputs that cannot be written, are listed at the end; the others are still encoded. Existing
 outputs are skipped unless --overwrite, so a run stopped by Ctrl-C continues where it stopped when
-run again. A missing or unusable weight file or an output that cannot be written stops it at once
-with one line (exit status 2).
+run again. A missing or unusable weight file, an output folder that cannot be written, or a disk that
+fills up or turns read-only stops it with one line (exit status 2).
 """
 import argparse
 import math
@@ -33,9 +34,10 @@ from tqdm import tqdm
 
 from util.atomic import remove_stale_temp_files, save_npy_atomic
 
-from .audio_io import AUDIO_SUFFIXES, AudioReadError, find_audio_files, load_audio
-from .cli import (LOAD_ERRORS, Interrupted, UsageError, add_norm_stats_argument, check_writable, describe_interrupt,
-                  writing)
+from .audio_io import (AUDIO_SUFFIXES, MAX_SECONDS, AudioReadError, add_max_seconds_argument, check_max_seconds,
+                       find_audio_files, load_audio)
+from .cli import (DISK_WIDE_ERRORS, LOAD_ERRORS, Interrupted, OutputError, UsageError, add_norm_stats_argument,
+                  check_writable, describe_interrupt, write_error_reason)
 from .lms import RunningMeanStd
 from .runtime_audio import RuntimeM2D
 
@@ -84,12 +86,12 @@ def _duration(path: Path) -> float:
 class _Encoder:
     """Loads, checks and normalises clips, and encodes batches of them exactly as one clip at a time."""
 
-    def __init__(self, runtime: RuntimeM2D, norm_stats: Optional[tuple[float, float]]):
-        self.runtime, self.norm_stats = runtime, norm_stats
+    def __init__(self, runtime: RuntimeM2D, norm_stats: Optional[tuple[float, float]], max_seconds: float):
+        self.runtime, self.norm_stats, self.max_seconds = runtime, norm_stats, max_seconds
 
     def lms(self, path: Path) -> torch.Tensor:
         """One file -> its unnormalised LMS [1, 1, F, T]; raises ValueError/AudioReadError on bad audio."""
-        wav = load_audio(path, self.runtime.sample_rate)
+        wav = load_audio(path, self.runtime.sample_rate, self.max_seconds)
         return self.runtime.to_feature(torch.from_numpy(wav)[None])
 
     def normalise(self, lms: torch.Tensor) -> torch.Tensor:
@@ -140,13 +142,15 @@ def dataset_norm_stats(encoder: _Encoder, files: list[Path], report: EncodeRepor
 def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], output_path: Union[str, Path],
                  frames: bool = False, norm_stats: Optional[tuple[float, float]] = None, dataset_norm: bool = False,
                  device: Optional[str] = None, batch_size: int = 16, overwrite: bool = False,
-                 progress: bool = True, **settings: Any) -> EncodeReport:
+                 progress: bool = True, max_seconds: float = MAX_SECONDS, **settings: Any) -> EncodeReport:
     """Encode an audio file or a folder of them into .npy embeddings (see the module docstring).
 
     settings: RuntimeM2D settings, e.g. model, input_size, patch_size for a folder not named like
-    the published ones. Returns an EncodeReport. Raises ValueError (UsageError) for bad arguments, an
-    unusable weight file or an output that cannot be written, FileNotFoundError for a missing input,
-    and Interrupted on Ctrl-C (saying how many files were encoded).
+    the published ones. Files longer than `max_seconds` (by their header) fail without being read, as
+    does an output that cannot be written. Returns an EncodeReport. Raises ValueError (UsageError) for
+    bad arguments, an unusable weight file, an output folder that cannot be written, or a disk that
+    fills up or turns read-only (OutputError, saying how many files were encoded), FileNotFoundError
+    for a missing input, and Interrupted on Ctrl-C (saying how many files were encoded).
     """
     if norm_stats is not None and dataset_norm:
         raise ValueError('give either norm_stats or dataset_norm, not both')
@@ -155,6 +159,7 @@ def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], ou
         raise ValueError(f'norm_stats must be finite (mean, std) with std > 0, got {norm_stats}')
     if batch_size < 1:
         raise ValueError(f'batch_size must be at least 1, got {batch_size}')
+    check_max_seconds(max_seconds)
     input_path, output_path = Path(input_path), Path(output_path)
     jobs = plan_outputs(input_path, output_path)
     single_file = input_path.is_file() and output_path.suffix == '.npy'
@@ -185,7 +190,8 @@ def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], ou
         raise UsageError(str(e) if str(weight_file) in str(e) else f'cannot use the weight file {weight_file}: {e}') \
             from None
     runtime = runtime.to(device).eval()
-    encoder = _Encoder(runtime, None if norm_stats is None else (float(norm_stats[0]), float(norm_stats[1])))
+    encoder = _Encoder(runtime, None if norm_stats is None else (float(norm_stats[0]), float(norm_stats[1])),
+                       max_seconds)
     try:
         if dataset_norm:
             encoder.norm_stats = report.norm_stats = dataset_norm_stats(encoder, [s for s, _ in jobs], report, progress)
@@ -201,17 +207,23 @@ def _encode_all(encoder: _Encoder, todo: list[tuple[Path, Path]], frames: bool, 
                 report: EncodeReport, progress: bool) -> None:
     with tqdm(total=len(todo), desc='encode', unit='file', disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):  # neighbours in duration order: little padding
-            batch, outputs = [], []
+            batch, jobs = [], []
             for src, dst in todo[start:start + batch_size]:
                 try:
                     batch.append(encoder.normalise(encoder.lms(src)))
-                    outputs.append(dst)
+                    jobs.append((src, dst))
                 except (AudioReadError, ValueError, TypeError) as e:
                     report.failed.append((src, str(e).removeprefix(f'{src}: ')))
-            for dst, emb in zip(outputs, encoder.encode(batch) if batch else []):
-                with writing(dst):
+            for (src, dst), emb in zip(jobs, encoder.encode(batch) if batch else []):
+                try:
                     save_npy_atomic((emb if frames else emb.mean(dim=0)).cpu().numpy().astype(np.float32), dst)
-                report.encoded.append(dst)
+                except OSError as e:
+                    if e.errno in DISK_WIDE_ERRORS:  # every later file would fail the same way
+                        raise OutputError(dst, e, describe_interrupt(len(report.encoded), len(todo), 'encoded')) \
+                            from None
+                    report.failed.append((src, f'cannot write {dst}: {write_error_reason(e)}'))
+                else:
+                    report.encoded.append(dst)
             bar.update(len(todo[start:start + batch_size]))
 
 
@@ -230,6 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
     parser.add_argument('--batch_size', type=int, default=16, help='clips per batch (grouped by similar length)')
     parser.add_argument('--overwrite', action='store_true', help='re-encode files whose output exists')
+    add_max_seconds_argument(parser)
     parser.add_argument('--model', default='', help='model name, if the weight folder name does not tell it')
     parser.add_argument('--input_size', default=None, help='model input FxT (e.g. 80x608), with --model')
     parser.add_argument('--patch_size', default=None, help='patch size FxT (e.g. 16x16), with --model')
@@ -242,8 +255,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = encode_files(args.weights, args.input, args.output, frames=args.frames, norm_stats=args.norm_stats,
                               dataset_norm=args.dataset_norm, device=args.device, batch_size=args.batch_size,
-                              overwrite=args.overwrite, model=args.model, input_size=args.input_size,
-                              patch_size=args.patch_size, trust_checkpoint=args.trust_checkpoint)
+                              overwrite=args.overwrite, max_seconds=args.max_seconds, model=args.model,
+                              input_size=args.input_size, patch_size=args.patch_size,
+                              trust_checkpoint=args.trust_checkpoint)
     except (FileNotFoundError, ValueError) as e:  # bad arguments or inputs: one line
         raise UsageError(str(e)) from None
     if not (report.encoded or report.skipped or report.failed):

@@ -32,8 +32,9 @@ from tqdm import tqdm
 from util.atomic import open_atomic, remove_stale_temp_files, save_npy_atomic
 from util.cpu import usable_cores
 
-from .audio_io import AudioReadError, load_audio
-from .cli import Interrupted, UsageError, check_writable, describe_interrupt, writing
+from .audio_io import MAX_SECONDS, AudioReadError, add_max_seconds_argument, check_max_seconds, load_audio
+from .cli import (DISK_WIDE_ERRORS, Interrupted, OutputError, UsageError, check_writable, describe_interrupt,
+                  write_error_reason, writing)
 from .data import leaves_folder, read_file_list
 from .lms import LogMelSpectrogram
 
@@ -77,13 +78,15 @@ def list_sources(src: PathLike, suffix: str = '.wav') -> list[Path]:
     return sorted(p for p in Path(src).rglob(f'*{suffix}') if p.is_file())
 
 
-def convert_file(src_file: PathLike, dst_file: PathLike, to_lms: LogMelSpectrogram, min_samples: int = 0) -> int:
+def convert_file(src_file: PathLike, dst_file: PathLike, to_lms: LogMelSpectrogram, min_samples: int = 0,
+                 max_seconds: Optional[float] = None) -> int:
     """Audio file -> float32 (1, 80, T) .npy, written atomically. Returns the 16 kHz sample count.
 
     Audio shorter than `min_samples` is right-padded with zeros (silence) first. Raises
-    AudioReadError naming the file when it cannot be read or is too short for one STFT frame.
+    AudioReadError naming the file when it cannot be read, is longer than `max_seconds` or too short
+    for one STFT frame, and OSError when the output cannot be written.
     """
-    wav = load_audio(src_file, SAMPLE_RATE)
+    wav = load_audio(src_file, SAMPLE_RATE, max_seconds)
     if wav.shape[0] < min_samples:
         wav = np.pad(wav, (0, min_samples - wav.shape[0]))
     shortest = to_lms.melspec.n_fft // 2 + 1  # centred frames reflect-pad n_fft // 2 samples
@@ -103,13 +106,20 @@ def _init_worker() -> None:
     _worker_lms = LogMelSpectrogram()
 
 
-def _convert_job(job: tuple[int, str, str, int]) -> tuple[int, int, Optional[str]]:
-    """(index, src, dst, min_samples) -> (index, samples, None) or (index, 0, error message)."""
-    index, src_file, dst_file, min_samples = job
+def _convert_job(job: tuple[int, str, str, int, float]) -> tuple[int, int, Optional[str]]:
+    """(index, src, dst, min_samples, max_seconds) -> (index, samples, None) or (index, 0, error message).
+
+    Raises OSError(errno, strerror, dst) when the disk is full or read-only, which every later file would meet too.
+    """
+    index, src_file, dst_file, min_samples, max_seconds = job
     try:
-        return index, convert_file(src_file, dst_file, _worker_lms, min_samples), None
+        return index, convert_file(src_file, dst_file, _worker_lms, min_samples, max_seconds), None
     except AudioReadError as e:
         return index, 0, str(e)
+    except OSError as e:  # from writing: load_audio raises AudioReadError
+        if e.errno in DISK_WIDE_ERRORS:
+            raise OSError(e.errno, e.strerror, dst_file) from None
+        return index, 0, f'{src_file}: cannot write {dst_file}: {write_error_reason(e)}'
     except Exception as e:  # one bad file must not stop the others; report it by name
         return index, 0, f'{src_file}: {type(e).__name__}: {e}'
 
@@ -124,7 +134,7 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _run_jobs(jobs: list[tuple[int, str, str, int]], workers: int) -> Iterator[tuple[int, int, Optional[str]]]:
+def _run_jobs(jobs: list[tuple[int, str, str, int, float]], workers: int) -> Iterator[tuple[int, int, Optional[str]]]:
     """Results of _convert_job for all jobs, in completion order: in this process for one worker,
     else in a pool. forkserver (spawn where unavailable) keeps workers free of the caller's threads."""
     if workers <= 1:
@@ -144,12 +154,14 @@ def _run_jobs(jobs: list[tuple[int, str, str, int]], workers: int) -> Iterator[t
 
 def convert_folder(src: PathLike, dst: PathLike, suffix: str = '.wav', workers: Optional[int] = None,
                    min_length: float = 0.0, verbose: bool = False, progress: bool = True,
-                   files: Optional[Sequence[str]] = None, skip: int = 0) -> ConversionReport:
+                   files: Optional[Sequence[str]] = None, skip: int = 0,
+                   max_seconds: float = MAX_SECONDS) -> ConversionReport:
     """Convert every `*suffix` file below `src` (or only `files`, paths relative to `src`) to
     `dst`/<same relative path>.npy, float32 (1, 80, T).
 
     Outputs that already exist are skipped; files that cannot be read (missing, corrupt, truncated,
-    empty, NaN) are reported in the returned report's `failed` and skipped. `min_length` > 0 right-pads
+    empty, NaN, longer than `max_seconds` by their header) or written are reported in the returned
+    report's `failed` and skipped; a full or read-only disk raises OutputError. `min_length` > 0 right-pads
     shorter audio with silence to that many seconds (the published script's default was 6.1).
     `workers`: processes to use (default: all cores); 1 converts in this process. `skip`: leave out
     the first that many sources (sorted), as the published script's --skip did. Temporary files that
@@ -167,6 +179,7 @@ def convert_folder(src: PathLike, dst: PathLike, suffix: str = '.wav', workers: 
         raise ValueError(f'min_length must be >= 0 seconds, got {min_length}')
     if skip < 0:
         raise ValueError(f'skip must be >= 0, got {skip}')
+    check_max_seconds(max_seconds)
     min_samples = int(SAMPLE_RATE * min_length)
     if files is not None:
         outside = [f for f in files if leaves_folder(str(f))]
@@ -186,7 +199,7 @@ def convert_folder(src: PathLike, dst: PathLike, suffix: str = '.wav', workers: 
         elif not src_file.exists():
             report.failed.append((src_file, f'{src_file}: missing'))
         else:
-            jobs.append((len(sources), str(src_file), str(dst_file), min_samples))
+            jobs.append((len(sources), str(src_file), str(dst_file), min_samples, max_seconds))
             sources.append((src_file, dst_file))
     workers = min(workers, max(1, len(jobs)))
     if progress:
@@ -208,6 +221,9 @@ def convert_folder(src: PathLike, dst: PathLike, suffix: str = '.wav', workers: 
                 bar.update()
         except KeyboardInterrupt:
             raise Interrupted(describe_interrupt(len(report.converted), len(jobs), 'converted')) from None
+        except OSError as e:  # from _convert_job: the disk is full or read-only; e.filename is the output
+            raise OutputError(e.filename, e, describe_interrupt(len(report.converted), len(jobs), 'converted')) \
+                from None
     report.converted.sort()
     report.failed.sort()
     return report
@@ -248,12 +264,13 @@ def write_file_list(lms_dirs: Union[PathLike, Sequence[PathLike]], csv_path: Pat
 
 def main(src: str, dst: str, suffix: str = '.wav', workers: Optional[int] = None, csv: Optional[str] = None,
          data_path: str = 'data', min_length: float = 0.0, verbose: bool = False, files: Optional[str] = None,
-         skip: int = 0) -> int:
+         skip: int = 0, max_seconds: float = MAX_SECONDS) -> int:
     """Convert audio below SRC (or the files a list names) to LMS .npy files below DST; see add_arguments.
 
     Returns the exit status: 0, or 1 when DST ends up with no output for any source file (no inputs,
     or all failed). Raises UsageError for bad arguments, a bad list or an unwritable output, before
-    converting anything; Interrupted on Ctrl-C.
+    converting anything; OutputError (a UsageError) when the disk fills up or turns read-only while
+    converting; Interrupted on Ctrl-C.
     """
     src, dst = str(src), str(dst)
     try:
@@ -263,7 +280,7 @@ def main(src: str, dst: str, suffix: str = '.wav', workers: Optional[int] = None
             check_inside(dst, data_path)
             check_writable(csv)
         report = convert_folder(src, dst, suffix=suffix, workers=workers, min_length=float(min_length),
-                                verbose=verbose, files=names, skip=skip)
+                                verbose=verbose, files=names, skip=skip, max_seconds=max_seconds)
     except UsageError:
         raise
     except (OSError, ValueError) as e:
@@ -297,6 +314,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--min_length', type=float, default=0.0,
                         help='right-pad shorter audio with silence to this many seconds (the published script: 6.1)')
     parser.add_argument('--skip', type=int, default=0, help='leave out the first N source files (sorted)')
+    add_max_seconds_argument(parser)
     parser.add_argument('--verbose', action='store_true', help='print every converted file with its shape')
 
 

@@ -1,7 +1,9 @@
 """Shared fixtures: tiny layout-faithful checkpoints and short audio, so tests run in seconds on CPU."""
 import os
 import signal
+import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +85,27 @@ def make_lms_dataset(root: Path, lengths=(150, 96, 60, 300) * 4, n_mels: int = 8
 def lms_data(tmp_path) -> Path:
     """A small pre-training data folder (16 LMS files of 60-300 frames, files.csv, vis_samples)."""
     return make_lms_dataset(tmp_path / 'data')
+
+
+def sparse_wav(path: Path, hours: float, sr: int = 16000) -> int:
+    """A 16-bit mono WAV whose header and size say `hours` of audio, all of it a hole in a sparse file
+    (no disk space used); -> the bytes its samples would take decoded as float32."""
+    frames = int(hours * 3600 * sr)
+    fmt = struct.pack('<HHIIHH', 1, 1, sr, 2 * sr, 2, 16)  # PCM, mono, rate, bytes/s, block align, bits
+    header = b'RIFF' + struct.pack('<I', 36 + 2 * frames) + b'WAVE' + b'fmt ' + struct.pack('<I', 16) + fmt
+    with open(path, 'wb') as f:
+        f.write(header + b'data' + struct.pack('<I', 2 * frames))
+        f.truncate(44 + 2 * frames)
+    return 4 * frames
+
+
+def peak_memory_of(argv: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `m2d ARGV...` in a fresh process; -> (the finished process, its peak resident memory in bytes)."""
+    code = ('import resource, sys; from m2d.__main__ import main; status = main(sys.argv[1:]); '
+            'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr); sys.exit(status)')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, '-c', code, *argv], capture_output=True, text=True, env=env, **kwargs)
+    return done, int(done.stderr.splitlines()[-1])
 
 
 def _sigint_as_in_a_terminal() -> None:

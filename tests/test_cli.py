@@ -56,6 +56,12 @@ def test_one_norm_stats_syntax_for_every_tool():
     assert train == encode == legacy == [-7.1, 4.2]
 
 
+def test_one_max_seconds_for_both_audio_tools():
+    limits = {prog: parsers()[prog].parse_args(args).max_seconds
+              for prog, args in [('m2d wav2lms', ['src', 'dst']), ('m2d encode', ['w.pth', 'in', 'out'])]}
+    assert limits == {'m2d wav2lms': 3600.0, 'm2d encode': 3600.0}
+
+
 def test_subcommands_run_the_published_tools(tmp_path, lms_data, one_thread):
     src = tmp_path / 'src'
     _write(src / 'a.flac', 16000, 0.5, 1)

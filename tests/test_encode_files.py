@@ -1,4 +1,5 @@
 """`python -m m2d encode` / m2d.encode_files: audio files -> .npy embeddings."""
+import errno
 import math
 import os
 import subprocess
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import make_checkpoint, press_ctrl_c, start_as_in_a_terminal
+from conftest import make_checkpoint, peak_memory_of, press_ctrl_c, sparse_wav, start_as_in_a_terminal
 
 from m2d.__main__ import main
 from m2d.audio_io import load_audio
+import m2d.encode_files
 from m2d.encode_files import encode_files
 from m2d.runtime_audio import RuntimeM2D
 
@@ -202,3 +204,53 @@ def test_ctrl_c_says_how_far_it_got_and_a_rerun_continues(tiny_ckpt, tmp_path):
     assert err.splitlines()[-1] == f'interrupted; {done} of 6 files encoded, rerun the same command to continue'
     report = encode_files(tiny_ckpt, tmp_path / 'in', tmp_path / 'out', progress=False)
     assert len(report.skipped) == done and len(report.encoded) == 6 - done
+
+
+def test_audio_over_max_seconds_fails_from_its_header_without_decoding(tiny_ckpt, tmp_path):
+    """A header claiming 8 hours (a sparse file: no disk used) is refused before its samples are read."""
+    (tmp_path / 'in').mkdir()
+    sf.write(tmp_path / 'in' / 'a.wav', tone(1.0, 16000), 16000)
+    decoded = sparse_wav(tmp_path / 'in' / 'long.wav', hours=8)  # 1.8 GB of float32 samples
+    done, peak = peak_memory_of(['encode', str(tiny_ckpt), str(tmp_path / 'in'), str(tmp_path / 'out'),
+                                 '--device', 'cpu', '--dataset_norm'], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f'  FAILED {tmp_path / "in" / "long.wav"}: 8.0 h of audio (28800 s) is over --max_seconds 3600; ' \
+           'raise --max_seconds to read it' in done.stdout.splitlines()
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['a.npy']
+    assert peak < 1.3 * 2 ** 30 < decoded  # Python with torch and the model alone is about 0.8 GB
+
+    sf.write(tmp_path / 'in' / 'b.wav', tone(2.0, 16000), 16000)
+    report = encode_files(tiny_ckpt, tmp_path / 'in', tmp_path / 'out', max_seconds=1.5, progress=False)
+    assert report.failed == [(tmp_path / 'in' / 'b.wav', '2.0 s of audio is over --max_seconds 1.5; '
+                              'raise --max_seconds to read it'),
+                             (tmp_path / 'in' / 'long.wav', '8.0 h of audio (28800 s) is over --max_seconds 1.5; '
+                              'raise --max_seconds to read it')]
+    with pytest.raises(ValueError, match='--max_seconds must be more than 0 seconds, got -1'):
+        encode_files(tiny_ckpt, tmp_path / 'in', tmp_path / 'out', max_seconds=-1)
+
+
+def test_a_write_error_fails_its_file_and_a_full_disk_stops_the_run(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    (tmp_path / 'in' / 'sub').mkdir(parents=True)
+    names = ['n' * 251 + '.wav', 'é' * 125 + '.wav', 'sub/x.wav']  # 255-byte names leave room for the temp file
+    for i, name in enumerate(names):
+        sf.write(tmp_path / 'in' / name, tone(0.5 + 0.1 * i, 16000, seed=i), 16000)
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'sub').write_text('a file where the folder sub/ should be')
+    report = encode_files(tiny_ckpt, tmp_path / 'in', out, progress=False)
+    assert sorted(p.name for p in report.encoded) == sorted(n[:-4] + '.npy' for n in names[:2])
+    assert report.failed == [(tmp_path / 'in' / 'sub' / 'x.wav',
+                              f'cannot write {out / "sub" / "x.npy"}: a file is in the way, not a folder')]
+
+    real_save, saves = m2d.encode_files.save_npy_atomic, []
+
+    def full_after_one(array, path):
+        saves.append(path)
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(array, path)
+    monkeypatch.setattr(m2d.encode_files, 'save_npy_atomic', full_after_one)
+    assert main(['encode', str(tiny_ckpt), str(tmp_path / 'in'), str(tmp_path / 'full'), '--batch_size', '1']) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f'error: cannot write {saves[1]}: no space left on device; '
+                                                        '1 of 3 files encoded, rerun the same command to continue')
+    assert len(saves) == 2 and list((tmp_path / 'full').rglob('*.npy')) == [saves[0]]

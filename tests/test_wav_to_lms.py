@@ -12,12 +12,13 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import press_ctrl_c, start_as_in_a_terminal
+from conftest import peak_memory_of, press_ctrl_c, sparse_wav, start_as_in_a_terminal
 
 from m2d.audio_io import AudioReadError, load_audio, mix_to_mono
 from m2d.lms import EPS, LogMelSpectrogram
 from m2d.runtime_audio import RuntimeM2D
-from m2d.cli import UsageError
+from m2d.cli import OutputError, UsageError
+import m2d.wav_to_lms
 from m2d.wav_to_lms import convert_folder, main, write_file_list
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,3 +288,61 @@ def test_temp_files_of_killed_runs_are_removed(corpus, tmp_path):
         path.write_bytes(b'partial')
     convert_folder(corpus, dst, workers=1, progress=False)
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_audio_over_max_seconds_fails_from_its_header_without_decoding(tmp_path):
+    """A header claiming 8 hours (a sparse file: no disk used) is refused before its samples are read."""
+    _write(tmp_path / 'src' / 'a.wav', 16000, 0.5, 1)
+    decoded = sparse_wav(tmp_path / 'src' / 'long.wav', hours=8)  # 1.8 GB of float32 samples
+    done, peak = peak_memory_of(['wav2lms', str(tmp_path / 'src'), str(tmp_path / 'lms'), '--workers', '1'],
+                                timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f'  FAILED {tmp_path / "src" / "long.wav"}: 8.0 h of audio (28800 s) is over --max_seconds 3600; ' \
+           'raise --max_seconds to read it' in done.stderr.splitlines()
+    assert _npy_files(tmp_path / 'lms') == ['a.npy']
+    assert peak < 1.3 * 2 ** 30 < decoded  # Python with torch alone is about 0.7 GB
+
+    _write(tmp_path / 'src' / 'b.wav', 16000, 2.0, 1)
+    report = convert_folder(tmp_path / 'src', tmp_path / 'lms', workers=1, max_seconds=1.5, progress=False)
+    assert [(p.name, m.split(': ', 1)[1]) for p, m in report.failed] == [
+        ('b.wav', '2.0 s of audio is over --max_seconds 1.5; raise --max_seconds to read it'),
+        ('long.wav', '8.0 h of audio (28800 s) is over --max_seconds 1.5; raise --max_seconds to read it')]
+    report = convert_folder(tmp_path / 'src', tmp_path / 'lms', workers=1, max_seconds=2.0, progress=False)
+    assert [p.name for p in report.converted] == ['b.npy'] and [p.name for p, _ in report.failed] == ['long.wav']
+    with pytest.raises(UsageError, match='--max_seconds must be more than 0 seconds, got 0'):
+        main(str(tmp_path / 'src'), str(tmp_path / 'lms'), max_seconds=0)
+
+
+def test_long_file_names_convert(tmp_path):
+    """The longest names the file system allows still leave room for the temporary file's name."""
+    names = ['n' * 251 + '.wav', 'é' * 125 + '.wav']  # 255 bytes each
+    for name in names:
+        _write(tmp_path / 'src' / name, 16000, 0.5, 1)
+    report = convert_folder(tmp_path / 'src', tmp_path / 'lms', workers=1, progress=False)
+    assert not report.failed and sorted(p.name for p in report.converted) == sorted(n[:-4] + '.npy' for n in names)
+
+
+def test_a_write_error_fails_its_file_and_a_full_disk_stops_the_run(corpus, tmp_path, monkeypatch):
+    dst = tmp_path / 'lms'
+    dst.mkdir()
+    (dst / 'a').write_text('a file where the folder a/ should be')
+    report = convert_folder(corpus, dst, workers=1, progress=False)
+    for (src, message), rel in zip(report.failed, ['a/b/y', 'a/x']):  # the folder a/ is needed for both
+        assert (src, message) == (corpus / f'{rel}.wav', f'{corpus / rel}.wav: cannot write {dst / rel}.npy: '
+                                  'a file is in the way, not a folder')
+    assert _npy_files(dst) == ['odd.npy', 'z.npy']
+
+    real_save, saves = m2d.wav_to_lms.save_npy_atomic, []
+
+    def full_after_one(array, path):
+        saves.append(path)
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(array, path)
+    monkeypatch.setattr(m2d.wav_to_lms, 'save_npy_atomic', full_after_one)
+    with pytest.raises(OutputError) as e:
+        main(str(corpus), str(tmp_path / 'full'), workers=1)
+    assert str(e.value) == (f'cannot write {saves[1]}: no space left on device; 1 of {len(GOOD) + len(BAD)} files '
+                            'converted, rerun the same command to continue')
+    assert len(saves) == 2 and _npy_files(tmp_path / 'full') == [Path(saves[0]).relative_to(tmp_path / 'full')
+                                                                  .as_posix()]
