@@ -1,4 +1,6 @@
 """Shared fixtures: tiny layout-faithful checkpoints and short audio, so tests run in seconds on CPU."""
+import errno
+import io
 import os
 import signal
 import struct
@@ -129,3 +131,14 @@ def press_ctrl_c(proc: subprocess.Popen, timeout: float) -> str:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
+
+
+class FullDisk(io.BufferedWriter):
+    """A file on a disk with `room` bytes free: the write that would go past it fails with ENOSPC."""
+    room = 10_000
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if self.tell() + size > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)

@@ -9,23 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FullDisk
 
 from m2d.cli import OutputError, writing
 from util.atomic import open_atomic, remove_stale_temp_files, save_atomic, save_npy_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 SAVES = {'torch': (save_atomic, {'weights': torch.ones(50_000)}), 'numpy': (save_npy_atomic, np.ones(50_000))}
-
-
-class FullDisk(io.BufferedWriter):
-    """A file on a disk with `room` bytes free: the write that would go past it fails with ENOSPC."""
-    room = 10_000
-
-    def write(self, data) -> int:
-        size = memoryview(data).nbytes
-        if self.tell() + size > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return super().write(data)
 
 
 @pytest.mark.parametrize('kind', SAVES)
