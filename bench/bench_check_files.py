@@ -1,6 +1,6 @@
-"""Benchmark: the pre-training pre-flight scan (m2d.data.check_files), which reads every value of every file.
+"""Benchmark: the pre-training pre-flight scan (m2d.train.data.check_files), which reads every value of every file.
 
-    python bench/bench_check_files.py --n_files 2000 --frames 1001
+    python -m bench.bench_check_files --n_files 2000 --frames 1001
 
 Writes n_files LMS files of (1, 80, frames) to a temporary folder, scans them once to fill the page
 cache, then prints files/s and GB/s of three scans from the cache. Reading from disk is bounded by
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m2d.data import check_files
+from m2d.train.data import check_files
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Encoding throughput of RuntimeM2D against the published chunk loop, over clip lengths and batch sizes.
 
-    python bench/bench_encode.py --threads 2              # CPU table (fp32, plus bf16/compile rows); ~30 min
-    python bench/bench_encode.py --device cuda            # CUDA: the same table in fp32 and in bf16; ~3 min
-    python bench/bench_encode.py --quick                  # a short check that it all runs
+    python -m bench.bench_encode --threads 2              # CPU table (fp32, plus bf16/compile rows); ~30 min
+    python -m bench.bench_encode --device cuda            # CUDA: the same table in fp32 and in bf16; ~3 min
+    python -m bench.bench_encode --quick                  # a short check that it all runs
 
 Random weights (no downloads), encoder only; nothing but torch, timm, einops and this repository.
 Both paths start from the same random normalised LMS (the log-mel front end is common to both and
@@ -19,7 +19,6 @@ import statistics
 import sys
 import time
 import types
-from pathlib import Path
 
 import torch
 from einops import rearrange
@@ -43,8 +42,7 @@ def _allow_missing_nnaudio() -> None:
 
 
 _allow_missing_nnaudio()
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from m2d.runtime_audio import RuntimeM2D  # noqa: E402
+from m2d.runtime.runtime import RuntimeM2D  # noqa: E402
 
 
 def plain_loop(rt: RuntimeM2D, lms: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Does pre-training learn? Pre-train M2D on a small realistic corpus, then linear-probe held-out tasks
 and compare with the same architecture at its random initialisation and with a log-mel baseline.
 
-    python bench/bench_learning.py                                    # the small-data recipe, 1,000 clips
-    python bench/bench_learning.py --name mr6 -- --mask_ratio 0.6     # anything after -- goes to train_audio.py
-    python bench/bench_learning.py --name further --corpus_kinds sentence,word -- --init_from RUN/checkpoint-60.pth
+    python -m bench.bench_learning                                    # the small-data recipe, 1,000 clips
+    python -m bench.bench_learning --name mr6 -- --mask_ratio 0.6     # anything after -- goes to train_audio.py
+    python -m bench.bench_learning --name further --corpus_kinds sentence,word -- --init_from RUN/checkpoint-60.pth
 
 The corpus (bench/learning_corpus.py: speech from espeak-ng in six languages, General-MIDI instruments
 rendered by fluidsynth, environmental textures, all over background noise at random SNRs) and three
@@ -41,19 +41,17 @@ os.environ.setdefault('TQDM_DISABLE', '1')
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / 'bench'))
-
-import learning_corpus  # noqa: E402
-from m2d.audio_io import load_audio  # noqa: E402
+from bench import learning_corpus  # noqa: E402
+from m2d.audio.io import load_audio  # noqa: E402
+from m2d.audio.lms import LogMelSpectrogram  # noqa: E402
+from m2d.checkpoint import run_name  # noqa: E402
 from m2d.eval.embeddings import POOLINGS, fix_length, pool, task_embeddings  # noqa: E402
-from m2d.eval.lineareval import probe_task  # noqa: E402
 from m2d.eval.linear_probe import ProbeConfig  # noqa: E402
+from m2d.eval.lineareval import probe_task  # noqa: E402
 from m2d.eval.tasks import TaskData, load_task, resolve_task  # noqa: E402
-from m2d.lms import LogMelSpectrogram  # noqa: E402
-from m2d.pretrain import parse_args, run_name, save_initial_checkpoint  # noqa: E402
-from m2d.wav_to_lms import convert_folder, write_file_list  # noqa: E402
+from m2d.tools.wav_to_lms import convert_folder, write_file_list  # noqa: E402
+from m2d.train.config import parse_args  # noqa: E402
+from m2d.train.main import save_initial_checkpoint  # noqa: E402
 
 # The recipe under test (train_audio.py flags); arguments after -- are appended and win.
 RECIPE = ['--preset', 'small']
@@ -86,16 +84,16 @@ def train_args(args: argparse.Namespace, data: Path, csv_path: Path, out: Path) 
 
 
 def pretrain(flags: list[str], threads: int, log_path: Path) -> tuple[float, float]:
-    """Run train_audio.py with `flags` on `threads` threads; -> (CPU minutes, wall minutes)."""
+    """Run `m2d train` with `flags` on `threads` threads; -> (CPU minutes, wall minutes)."""
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
     with open(log_path, 'w') as log:
-        proc = subprocess.run([sys.executable, str(REPO / 'train_audio.py'), *flags], env=env, cwd=REPO,
-                              stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, '-m', 'm2d', 'train', *flags], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
-        raise SystemExit(f'error: train_audio.py failed (exit {proc.returncode}); see {log_path}')
+        raise SystemExit(f'error: m2d train failed (exit {proc.returncode}); see {log_path}')
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return cpu / 60, (time.time() - t0) / 60
 
@@ -127,7 +125,7 @@ def main(argv=None) -> int:
     train_extra = argv[argv.index('--') + 1:] if '--' in argv else []
     argv = argv[:argv.index('--')] if '--' in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--work', default=str(REPO / 'work' / 'bench_learning'), help='corpus, runs and results')
+    p.add_argument('--work', default=str(Path('work') / 'bench_learning'), help='corpus, runs and results')
     p.add_argument('--name', default='recipe', help='run name (folder below <work>/runs and results row)')
     p.add_argument('--n_files', type=int, default=1000, help='clips in the pre-training corpus')
     p.add_argument('--task_clips', type=int, default=None,

@@ -1,8 +1,8 @@
 """Training throughput: samples/s of one full pre-training step (forward, backward, optimizer, EMA).
 
-    python bench/bench_train.py                                   # m2d_vit_base 80x608, batch 64, CUDA
-    python bench/bench_train.py --plain                           # the unoptimised baseline step
-    python bench/bench_train.py --device cpu --model m2d_vit_tiny --depth 2 --input_size 80x208 --batch 8
+    python -m bench.bench_train                                   # m2d_vit_base 80x608, batch 64, CUDA
+    python -m bench.bench_train --plain                           # the unoptimised baseline step
+    python -m bench.bench_train --device cpu --model m2d_vit_tiny --depth 2 --input_size 80x208 --batch 8
 
 The default step is the one train_audio.py runs: bf16 autocast on CUDA (fp32 on CPU), fused
 scaled-dot-product attention, fused AdamW on CUDA, and a multi-tensor EMA update. --plain measures a
@@ -13,16 +13,13 @@ utilisation (MFU) is reported against --peak_tflops.
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from m2d.engine_pretrain import Precision, forward_backward, optimizer_step, update_target  # noqa: E402
-from m2d.models_mae import MODELS, create_model  # noqa: E402
-from m2d.pretrain import size_arg  # noqa: E402
+from m2d.model.vit import MODELS, create_model  # noqa: E402
+from m2d.train.config import size_arg  # noqa: E402
+from m2d.train.engine import Precision, forward_backward, optimizer_step, update_target  # noqa: E402
 
 
 def python_ema(model: torch.nn.Module, decay: float) -> None:

@@ -1,8 +1,8 @@
-"""Benchmark: m2d.wav_to_lms.convert_folder vs a naive per-file process pool (the published approach).
+"""Benchmark: m2d.tools.wav_to_lms.convert_folder vs a naive per-file process pool (the published approach).
 
-    python bench/bench_wav_to_lms.py --n_files 200 --baseline_threads 1
+    python -m bench.bench_wav_to_lms --n_files 200 --baseline_threads 1
 
-Writes a demo corpus (m2d.synth.write_corpus: random sample rates, lengths and channel counts) to a
+Writes a demo corpus (m2d.audio.synth.write_corpus: random sample rates, lengths and channel counts) to a
 temporary folder, converts it with both, checks that the outputs agree, and prints files/s,
 audio-seconds/s and the speedup. The baseline: multiprocessing Pool() (spawn, one process per core)
 mapping one task per file; each task receives the mel front end pickled with its arguments, loads
@@ -19,8 +19,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from m2d.synth import write_corpus
-from m2d.wav_to_lms import convert_folder
+from m2d.audio.synth import write_corpus
+from m2d.tools.wav_to_lms import convert_folder
 from util.cpu import usable_cores
 
 

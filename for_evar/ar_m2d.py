@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 try:
-    import m2d.runtime_audio  # noqa: F401  (an installed m2d)
+    import m2d.runtime.runtime  # noqa: F401  (an installed m2d)
 except ImportError:
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from evar.ar_base import BaseAudioRepr, calculate_norm_stats, normalize_spectrogram
 
 from m2d.eval.embeddings import check_layers, layer_features
-from m2d.runtime_audio import RuntimeM2D
+from m2d.runtime.runtime import RuntimeM2D
 
 
 class AR_M2D(BaseAudioRepr):

@@ -1,40 +1,7 @@
-"""The `m2d` command line (also `python -m m2d`): `m2d COMMAND --help` describes each command.
-
-Commands are registered in COMMANDS as name -> (module, one-line help). A command module provides
-`add_arguments(parser)` and `run(args) -> exit code`; its docstring becomes the command's description.
-Modules are imported only when their command runs (or for --help), so new commands cost nothing.
-The published scripts (wav_to_lms.py, train_audio.py, python -m m2d.eval, python -m m2d.demo) run the
-same modules. Exit status: 0 done, 1 nothing produced (e.g. every input failed), 2 bad arguments or
-data, 130 interrupted (Ctrl-C).
-"""
-import argparse
-import importlib
+"""`python -m m2d COMMAND ...`: the `m2d` command line (m2d.cli)."""
 import sys
-from typing import Optional
 
-from .cli import HelpFormatter, run_tool
-
-COMMANDS = {
-    'wav2lms': ('m2d.wav_to_lms', 'convert audio files to log-mel spectrogram .npy files for pre-training '
-                                  '(as wav_to_lms.py)'),
-    'train': ('m2d.pretrain', 'pre-train M2D on log-mel spectrogram files (as train_audio.py)'),
-    'encode': ('m2d.encode_files', 'encode audio files into M2D embeddings (.npy)'),
-    'eval': ('m2d.eval.__main__', 'linear evaluation, fine-tuning, suites and summaries (as python -m m2d.eval)'),
-    'demo': ('m2d.demo', 'the main job on built-in demo data (as python -m m2d.demo)'),
-}
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='m2d', description=__doc__.split('\n\n')[0],
-                                     formatter_class=HelpFormatter)
-    commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
-    for name, (_, help_text) in COMMANDS.items():
-        commands.add_parser(name, help=help_text, add_help=False)
-    known, _ = parser.parse_known_args(argv)  # which command; its own parser handles the rest
-    args = sys.argv[1:] if argv is None else list(argv)
-    module = importlib.import_module(COMMANDS[known.command][0])
-    return run_tool(module, f'm2d {known.command}', args[args.index(known.command) + 1:])
-
+from m2d.cli import main
 
 if __name__ == '__main__':
     sys.exit(main())

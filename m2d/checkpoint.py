@@ -29,6 +29,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from m2d.errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
 from util.atomic import save_atomic
 
 log = logging.getLogger(__name__)
@@ -63,18 +64,6 @@ FRONT_ENDS = {  # sample-rate part of a folder name -> log-mel settings (the lat
     '16k': dict(sample_rate=16000, n_fft=400, window_size=400, hop_size=160, n_mels=80, f_min=50, f_max=8000),
     '32k': dict(sample_rate=32000, n_fft=800, window_size=800, hop_size=320, n_mels=80, f_min=50, f_max=16000),
 }
-
-
-class CheckpointError(ValueError):
-    """A weight file that cannot be read, or that does not hold a model that can be built and loaded."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A weight file whose loading would unpickle Python objects beyond tensors and containers (run code)."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """No weight file at the given path."""
 
 
 # ----- reading and writing ---------------------------------------------------------------------------

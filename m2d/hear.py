@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .runtime_audio import RuntimeM2D
+from m2d.errors import UsageError
+from m2d.runtime.runtime import RuntimeM2D
 
 TIMESTAMP_HOP_MS = 40.0  # HEAR prefers a hop of 50 ms or less; the patch width is 160 ms
 
@@ -27,7 +28,7 @@ def load_model(model_file_path: str = '', **settings: Any) -> RuntimeM2D:
     """
     weight_file = model_file_path or settings.pop('weight_file', '')
     if not weight_file:
-        raise ValueError('load_model needs model_file_path: an M2D checkpoint in a folder named like '
+        raise UsageError('load_model needs model_file_path: an M2D checkpoint in a folder named like '
                          'm2d_vit_base-80x608p16x16-220930-mr7/, or a name ending in "random"')
     settings.setdefault('timestamp_hop_ms', TIMESTAMP_HOP_MS)
     return RuntimeM2D(weight_file=weight_file, **settings).eval()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from m2d.models_mae import create_model
+from m2d.model.vit import create_model
 
 TINY = dict(depth=2, decoder_depth=2)
 
@@ -39,7 +39,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope='module')
 def rt(tiny_ckpt):
     """A RuntimeM2D of the tiny checkpoint, shared by a test module."""
-    from m2d.runtime_audio import RuntimeM2D
+    from m2d.runtime.runtime import RuntimeM2D
     return RuntimeM2D(weight_file=str(tiny_ckpt))
 
 
@@ -103,7 +103,7 @@ def sparse_wav(path: Path, hours: float, sr: int = 16000) -> int:
 
 def peak_memory_of(argv: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, int]:
     """Run `m2d ARGV...` in a fresh process; -> (the finished process, its peak resident memory in bytes)."""
-    code = ('import resource, sys; from m2d.__main__ import main; status = main(sys.argv[1:]); '
+    code = ('import resource, sys; from m2d.cli import main; status = main(sys.argv[1:]); '
             'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr); sys.exit(status)')
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, '-c', code, *argv], capture_output=True, text=True, env=env, **kwargs)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from m2d.pos_embed import sincos_pos_embed_2d
+from m2d.model.pos_embed import sincos_pos_embed_2d
 
 D, DEC_D = 768, 512  # ViT-B and its M2D predictor width (portable_m2d.py builds ViT-B only)
 

@@ -1,5 +1,4 @@
 """util.atomic: a failed write names its real cause and leaves the old file; temporary names fit any target name."""
-import errno
 import io
 import os
 import subprocess
@@ -11,7 +10,8 @@ import pytest
 import torch
 from conftest import FullDisk
 
-from m2d.cli import OutputError, writing
+from m2d.errors import OutputError
+from m2d.outputs import writing
 from util.atomic import open_atomic, remove_stale_temp_files, save_atomic, save_npy_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,8 @@ def test_a_full_disk_is_named_and_the_old_file_kept(kind, tmp_path, monkeypatch)
 def test_a_real_failed_write_keeps_its_errno(tmp_path):
     """The same through the operating system: a file size limit (RLIMIT_FSIZE) makes the write fail with EFBIG."""
     code = ('import resource, signal, sys, numpy as np, torch\n'
-            'from m2d.cli import guarded, writing\n'
+            'from m2d.cli.common import guarded\n'
+            'from m2d.outputs import writing\n'
             'from util.atomic import save_atomic, save_npy_atomic\n'
             'signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a signal\n'
             'resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))\n'

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from bench import learning_corpus
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'bench'))
-import learning_corpus  # noqa: E402
 
 TINY = ['--n_files', '24', '--task_clips', '5', '--probe_seeds', '1']
 TINY_TRAIN = ['--epochs', '1', '--depth', '1', '--decoder_depth', '1', '--batch_size', '8']
 
 
 def bench(*args: str, env: dict = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / 'bench' / 'bench_learning.py'), *args], capture_output=True,
+    return subprocess.run([sys.executable, '-m', 'bench.bench_learning', *args], cwd=REPO, capture_output=True,
                           text=True, env=env, timeout=600)
 
 

@@ -11,13 +11,15 @@ import torch
 from conftest import make_checkpoint, make_lms_dataset
 
 import m2d.hear as hear
-from m2d.__main__ import main as m2d_main
-from m2d.checkpoint import (CheckpointError, UnsafeCheckpointError, describe, load_checkpoint, parse_folder_name,
-                            split_state)
+from m2d.audio.synth import write_labelled_task
+from m2d.checkpoint import describe, load_checkpoint, parse_folder_name, split_state
+from m2d.cli import main as m2d_main
+from m2d.errors import CheckpointError, UnsafeCheckpointError
 from m2d.eval.__main__ import main as eval_main
-from m2d.pretrain import cli, get_args_parser, main as pretrain_main
-from m2d.runtime_audio import RuntimeM2D
-from m2d.synth import write_labelled_task
+from m2d.runtime.runtime import RuntimeM2D
+from m2d.train.config import get_args_parser
+from m2d.train.main import cli
+from m2d.train.main import main as pretrain_main
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +151,7 @@ def test_folder_names_of_the_whole_family():
 
 def test_explicit_arguments_then_checkpoint_then_folder_name(tmp_path):
     torch.manual_seed(0)
-    from m2d.models_mae import create_model
+    from m2d.model.vit import create_model
     net = create_model('m2d_vit_tiny', img_size=[80, 96], depth=2, decoder_depth=1)
     args = argparse.Namespace(model='m2d_vit_tiny', input_size=[80, 96], patch_size=[16, 16], depth=2, decoder_depth=1)
     path = tmp_path / 'm2d_vit_small-80x608p16x16p32k-x' / 'checkpoint-5.pth'  # a folder name that lies

@@ -7,7 +7,7 @@ import torch
 import transformers  # in the [test] extra
 from conftest import make_checkpoint
 
-from m2d.runtime_audio import RuntimeM2D
+from m2d.runtime.runtime import RuntimeM2D
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 WORDS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'a', 'dog', 'barks', 'cat', 'meows', 'loudly', '.']

@@ -7,10 +7,10 @@ import pytest
 from test_pretrain import tiny_argv
 from test_wav_to_lms import _write
 
-from m2d.__main__ import COMMANDS, main
-from m2d.cli import build_parser, parse_norm_stats
-from m2d.pretrain import get_args_parser
 from m2d.checkpoint import load_checkpoint
+from m2d.cli import COMMANDS, main
+from m2d.cli.common import build_parser, parse_norm_stats
+from m2d.train.config import get_args_parser
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
@@ -49,9 +49,9 @@ def test_every_option_has_a_help_line_and_shows_its_default(capsys):
 def test_one_norm_stats_syntax_for_every_tool():
     assert parse_norm_stats('[-7.1, 4.2]') == parse_norm_stats('-7.1 4.2') == [-7.1, 4.2]
     train = get_args_parser().parse_args(['--norm_stats', '[-7.1, 4.2]']).norm_stats
-    encode = build_parser(importlib.import_module('m2d.encode_files'), 'm2d encode').parse_args(
+    encode = build_parser(importlib.import_module('m2d.tools.encode'), 'm2d encode').parse_args(
         ['w.pth', 'in', 'out', '--norm_stats', '[-7.1, 4.2]']).norm_stats
-    legacy = build_parser(importlib.import_module('m2d.encode_files'), 'm2d encode').parse_args(
+    legacy = build_parser(importlib.import_module('m2d.tools.encode'), 'm2d encode').parse_args(
         ['w.pth', 'in', 'out', '--norm_stats', '-7.1', '4.2']).norm_stats
     assert train == encode == legacy == [-7.1, 4.2]
 

@@ -3,8 +3,16 @@ import numpy as np
 import pytest
 import torch
 
-from m2d.data import (BackgroundNoise, SpectrogramDataset, check_files, compute_norm_stats, crop_or_pad,
-                      load_vis_samples, read_file_list)
+from m2d.errors import UsageError
+from m2d.filelist import read_file_list
+from m2d.train.data import (
+    BackgroundNoise,
+    SpectrogramDataset,
+    check_files,
+    compute_norm_stats,
+    crop_or_pad,
+    load_vis_samples,
+)
 
 
 def write_npy(path, T, value=None, seed=0):
@@ -22,7 +30,7 @@ def test_file_list_is_sorted(tmp_path):
 
 
 def test_csv_errors_are_helpful(tmp_path):
-    with pytest.raises(FileNotFoundError, match='dataset CSV not found.*file_name'):
+    with pytest.raises(UsageError, match='dataset CSV not found.*file_name'):
         read_file_list(tmp_path / 'nope.csv')
     bad = tmp_path / 'bad.csv'
     bad.write_text('path\na.npy\n')

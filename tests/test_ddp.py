@@ -8,8 +8,9 @@ import torch
 import torch.multiprocessing as mp
 from conftest import make_lms_dataset
 
-from m2d.pretrain import build_model, get_args_parser, main
 from m2d.checkpoint import load_checkpoint
+from m2d.train.config import build_model, get_args_parser
+from m2d.train.main import main
 
 
 def _free_port() -> int:

@@ -1,11 +1,11 @@
-"""The main job (python -m m2d.demo, run by run_demo.sh) end to end, at a tiny size."""
+"""The main job (python -m m2d.tools.demo, run by run_demo.sh) end to end, at a tiny size."""
 import pandas as pd
 import torch
 
 from m2d.checkpoint import model_tag
-from m2d.demo import main
-from m2d.pretrain import parse_args
-from m2d.runtime_audio import RuntimeM2D
+from m2d.runtime.runtime import RuntimeM2D
+from m2d.tools.demo import main
+from m2d.train.config import parse_args
 
 
 def test_demo_runs_end_to_end_below_out(tmp_path, capfd):

@@ -1,4 +1,4 @@
-"""`python -m m2d encode` / m2d.encode_files: audio files -> .npy embeddings."""
+"""`python -m m2d encode` / m2d.tools.encode: audio files -> .npy embeddings."""
 import errno
 import math
 import os
@@ -13,11 +13,12 @@ import soundfile as sf
 import torch
 from conftest import make_checkpoint, peak_memory_of, press_ctrl_c, sparse_wav, start_as_in_a_terminal
 
-from m2d.__main__ import main
-from m2d.audio_io import load_audio
-import m2d.encode_files
-from m2d.encode_files import encode_files
-from m2d.runtime_audio import RuntimeM2D
+import m2d.tools.encode
+from m2d.audio.io import load_audio
+from m2d.cli import main
+from m2d.errors import UsageError
+from m2d.runtime.runtime import RuntimeM2D
+from m2d.tools.encode import encode_files
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -112,7 +113,7 @@ def test_norm_options(tiny_ckpt, rt, audio_dir, tmp_path):
     assert len(data.encoded) == 4
     with pytest.raises(ValueError, match='not both'):
         encode_files(tiny_ckpt, audio_dir, tmp_path / 'x', norm_stats=(0.0, 1.0), dataset_norm=True)
-    with pytest.raises(FileNotFoundError, match='input not found'):
+    with pytest.raises(UsageError, match='input not found'):
         encode_files(tiny_ckpt, tmp_path / 'nowhere', tmp_path / 'x')
 
 
@@ -186,7 +187,7 @@ def test_ctrl_c_says_how_far_it_got_and_a_rerun_continues(tiny_ckpt, tmp_path):
     for i in range(6):
         sf.write(tmp_path / 'in' / f'{i}.wav', tone(0.5 + 0.1 * i, 16000, seed=i), 16000)
     # Each save is slowed down so that Ctrl-C surely comes mid-run; the rest is the real command.
-    slowed = ('import sys, time; import m2d.encode_files as e; from m2d.__main__ import main\n'
+    slowed = ('import sys, time; import m2d.tools.encode as e; from m2d.cli import main\n'
               'save = e.save_npy_atomic\n'
               'e.save_npy_atomic = lambda *a: (time.sleep(1), save(*a))[1]\n'
               'sys.exit(main(sys.argv[1:]))')
@@ -242,14 +243,14 @@ def test_a_write_error_fails_its_file_and_a_full_disk_stops_the_run(tiny_ckpt, t
     assert report.failed == [(tmp_path / 'in' / 'sub' / 'x.wav',
                               f'cannot write {out / "sub" / "x.npy"}: a file is in the way, not a folder')]
 
-    real_save, saves = m2d.encode_files.save_npy_atomic, []
+    real_save, saves = m2d.tools.encode.save_npy_atomic, []
 
     def full_after_one(array, path):
         saves.append(path)
         if len(saves) > 1:
             raise OSError(errno.ENOSPC, 'No space left on device')
         return real_save(array, path)
-    monkeypatch.setattr(m2d.encode_files, 'save_npy_atomic', full_after_one)
+    monkeypatch.setattr(m2d.tools.encode, 'save_npy_atomic', full_after_one)
     assert main(['encode', str(tiny_ckpt), str(tmp_path / 'in'), str(tmp_path / 'full'), '--batch_size', '1']) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (f'error: cannot write {saves[1]}: no space left on device; '
                                                         '1 of 3 files encoded, rerun the same command to continue')

@@ -4,9 +4,9 @@ import torch
 from conftest import lms_batch
 from einops import rearrange
 
-from m2d import encoder_inference
-from m2d.encoder_inference import encode_inference
-from m2d.runtime_audio import RuntimeM2D
+from m2d.runtime import inference as encoder_inference
+from m2d.runtime.inference import encode_inference
+from m2d.runtime.runtime import RuntimeM2D
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

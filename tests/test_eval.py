@@ -12,6 +12,8 @@ import soundfile as sf
 import torch
 from sklearn.metrics import average_precision_score
 
+from m2d.audio.synth import write_labelled_task
+from m2d.errors import TaskError
 from m2d.eval.__main__ import main
 from m2d.eval.augment import mask_bands, mixup, random_resized_crop
 from m2d.eval.embeddings import pool, task_embeddings
@@ -20,8 +22,7 @@ from m2d.eval.linear_probe import ProbeConfig, score
 from m2d.eval.lineareval import linear_evaluation, probe_task
 from m2d.eval.results import append_result, summary_table, write_summary
 from m2d.eval.suite import run_suite
-from m2d.eval.tasks import TaskData, TaskError, TaskSpec, load_task, resolve_task
-from m2d.synth import write_labelled_task
+from m2d.eval.tasks import TaskData, TaskSpec, load_task, resolve_task
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ('tone', 'clicks', 'noise_burst', 'chirp')
@@ -96,7 +97,7 @@ def test_fixed_norm_stats(tiny_ckpt, task_csv, tmp_path, monkeypatch, one_thread
     set), so the embeddings are RuntimeM2D's with those stats; lineareval, suite and finetune take it."""
     from m2d.eval.embeddings import clip_loader
     from m2d.eval.finetune import FinetuneModel
-    from m2d.runtime_audio import RuntimeM2D
+    from m2d.runtime.runtime import RuntimeM2D
     results = tmp_path / 'scores.csv'
     assert main(['lineareval', str(tiny_ckpt), str(task_csv), '--results', str(results), '--batch_size', '8',
                  '--norm_stats', '[-5.0, 3.0]']) == 0
@@ -266,7 +267,7 @@ def _variant(task_csv: Path, tmp_path: Path, edit) -> str:
     (lambda df: df.assign(split=df.split.where(df.index != 0)),
      r'1 rows of .*bad.csv have an empty split: line 2 \(.*\.wav\); give every row a split \(train, valid or test\)'),
     (lambda df: df.assign(label=df.label.where(~df.index.isin([3, 9]), np.nan)),
-     rf"2 rows of .*bad.csv have an empty or NaN label: line 5 \(.*\.wav\), line 11 \(.*\.wav\); give every row"),
+     r"2 rows of .*bad.csv have an empty or NaN label: line 5 \(.*\.wav\), line 11 \(.*\.wav\); give every row"),
     (lambda df: df.assign(label=df.label.where(df.index != 0, 'nan')), r'1 rows .* empty or NaN label: line 2 '),
     (lambda df: df.assign(label=df.label.where(df.index != 0, 'tone,NaN')), r'1 rows .* empty or NaN label: line 2 '),
     (lambda df: df.assign(file_name=df.file_name.where(df.index != 4, '../../etc/passwd')),

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from m2d.checkpoint import UnsafeCheckpointError
-from m2d.runtime_audio import RuntimeM2D
+from m2d.errors import UnsafeCheckpointError
+from m2d.runtime.runtime import RuntimeM2D
 
 REPO = Path(__file__).resolve().parents[1]
 STUB = REPO / 'tests' / 'evar_stub' / 'evar'

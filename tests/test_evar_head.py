@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import make_checkpoint
 
-from m2d.runtime_audio import RuntimeM2D
+from m2d.runtime.runtime import RuntimeM2D
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

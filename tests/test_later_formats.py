@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from einops import rearrange
 from conftest import make_checkpoint
+from einops import rearrange
 from portable_layouts import LAYOUTS, SUBSAMPLE
 
-from m2d.runtime_audio import RuntimeM2D
+from m2d.runtime.runtime import RuntimeM2D
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 REFS = np.load(Path(__file__).parent / 'reference' / 'portable_m2d_refs.npz')
@@ -146,9 +146,9 @@ def with_stored_stats(checkpoint: Path, folder: Path, stats: tuple[float, float]
 
 
 def test_evaluator_uses_stored_stats(tiny_ckpt, tmp_path):
+    from m2d.audio.synth import write_labelled_task
     from m2d.eval.embeddings import clip_loader, task_embeddings
     from m2d.eval.tasks import load_task, resolve_task
-    from m2d.synth import write_labelled_task
     path = with_stored_stats(tiny_ckpt, tmp_path, (-6.0, 3.0))
     task = load_task(resolve_task(str(write_labelled_task(tmp_path / 'task', n_per_class=(2, 1, 1), seconds=0.5))))
     emb, _ = task_embeddings(path, task, dataset_norm=True, batch_size=4, cache_dir='')
@@ -186,7 +186,8 @@ def test_unused_heads_are_reported_and_unknown_keys_fail(tiny_ckpt, tmp_path, ca
 
 def test_encode_files_with_stored_stats_does_not_depend_on_batching(tiny_ckpt, tmp_path):
     import soundfile as sf
-    from m2d.encode_files import encode_files
+
+    from m2d.tools.encode import encode_files
     path = with_stored_stats(tiny_ckpt, tmp_path, (-6.0, 3.0))
     (tmp_path / 'wav').mkdir()
     rng = np.random.default_rng(0)
@@ -224,6 +225,7 @@ def test_evaluator_gives_32k_weights_32k_audio(tiny_ckpt, tmp_path, monkeypatch)
     """p32k weights get the task's audio at 32 kHz, in linear evaluation and in fine-tuning: their
     embeddings are those of RuntimeM2D on the 32 kHz files, and a 12 kHz tone changes them."""
     import soundfile as sf
+
     from m2d.eval.embeddings import task_embeddings
     from m2d.eval.finetune import FinetuneConfig, FinetuneModel, finetune
     from m2d.eval.tasks import load_task, resolve_task

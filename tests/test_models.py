@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2d.masking import random_structured_mask, random_unstructured_mask, time_span_mask
-from m2d.models_mae import MODELS, M2D_D2ViT, M2DViT, MaskedAutoencoderViT, create_model
+from m2d.model.masking import random_structured_mask, random_unstructured_mask, time_span_mask
+from m2d.model.vit import MODELS, M2D_D2ViT, M2DViT, MaskedAutoencoderViT, create_model
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

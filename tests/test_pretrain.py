@@ -17,11 +17,12 @@ import pytest
 import torch
 from conftest import FullDisk, make_checkpoint, make_lms_dataset, press_ctrl_c, start_as_in_a_terminal
 
-from m2d.engine_pretrain import Precision, Schedule, optimizer_step, train_one_epoch
-from m2d.models_mae import M2DViT
-from m2d.pretrain import build_model, build_optimizer, cli, get_args_parser, main, save_checkpoint
-from m2d.runtime_audio import RuntimeM2D
-from m2d.checkpoint import load_checkpoint
+from m2d.checkpoint import load_checkpoint, save_checkpoint
+from m2d.model.vit import M2DViT
+from m2d.runtime.runtime import RuntimeM2D
+from m2d.train.config import build_model, get_args_parser
+from m2d.train.engine import Precision, Schedule, optimizer_step, train_one_epoch
+from m2d.train.main import build_optimizer, cli, main
 from util.schedules import cosine_lr, ema_decay, scaled_lr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -428,7 +429,7 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(lms_data, tmp_path):
 def test_defaults_fit_a_small_dataset_on_a_laptop(lms_data, tmp_path, monkeypatch, capsys):
     """Without --batch_size, --num_workers, --device and --threads a run fits the data and the machine:
     the batch shrinks to the 16 files, no worker processes on the CPU, threads follow the idle cores."""
-    import m2d.pretrain as pretrain
+    import m2d.train.main as pretrain
     monkeypatch.setattr(pretrain, 'idle_cores', lambda: 1)
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     before = torch.get_num_threads()
@@ -478,7 +479,7 @@ def test_busy_cores_sees_a_process_spinning_now():
 
 
 def test_preset_fills_only_the_flags_not_given():
-    from m2d.pretrain import PRESETS, parse_args
+    from m2d.train.config import PRESETS, parse_args
     args = parse_args(['--preset', 'small', '--epochs', '3', '--blr', '2e-2'])
     assert (args.epochs, args.blr) == (3, 2e-2)
     small = PRESETS['small']
@@ -487,7 +488,7 @@ def test_preset_fills_only_the_flags_not_given():
 
 
 def test_mask_span_trains_with_whole_time_columns_masked(lms_data, tmp_path, capsys, one_thread):
-    from m2d.pretrain import parse_args
+    from m2d.train.config import parse_args
     model = build_model(parse_args(tiny_argv(lms_data, tmp_path, '--mask_span', '3')))
     _, _, (_, mask) = model(torch.randn(4, 1, 80, 96), mask_ratio=0.5)
     grid = mask.reshape(4, *model.grid_size())
@@ -512,7 +513,7 @@ def test_init_from_starts_a_new_run_from_the_weights(lms_data, tmp_path, capsys,
             '--dataset', str(lms_data / 'files.csv'), '--eval_scripts', str(lms_data / 'none'), '--print_freq', '1']
 
     def further(init: Path, out: str, *extra: str) -> dict:
-        from m2d.pretrain import parse_args
+        from m2d.train.config import parse_args
         result = main(parse_args(['--init_from', str(init), *data, *frozen, '--output_dir', str(tmp_path / out), *extra]))
         return load_checkpoint(result.last_checkpoint)
 

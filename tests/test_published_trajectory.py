@@ -16,8 +16,9 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 from m2d.checkpoint import load_checkpoint
-from m2d.models_mae import MODELS, M2DViT
-from m2d.pretrain import main, parse_args
+from m2d.model.vit import MODELS, M2DViT
+from m2d.train.config import parse_args
+from m2d.train.main import main
 
 sys.path.insert(0, str(Path(__file__).parent / 'reference'))
 import trajectory_inputs as inputs  # noqa: E402

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from m2d.models_mae import m2d_vit_base
-from m2d.runtime_audio import RuntimeM2D
+from m2d.model.vit import m2d_vit_base
+from m2d.runtime.runtime import RuntimeM2D
 
 sys.path.insert(0, str(Path(__file__).parent / 'reference'))
 from seeded_weights import seeded_state_dict  # noqa: E402

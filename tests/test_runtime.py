@@ -6,12 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import lms_batch, make_checkpoint
 from einops import rearrange
 
-from conftest import lms_batch, make_checkpoint
-
-from m2d import encoder_inference
-from m2d.runtime_audio import RuntimeM2D
+from m2d.runtime import inference as encoder_inference
+from m2d.runtime.runtime import RuntimeM2D
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -238,7 +237,7 @@ def test_bad_lms_and_silence_are_rejected_clearly(rt):
 
 
 PUBLISHED_QUICK_EXAMPLE = '''
-from m2d.runtime_audio import RuntimeM2D
+from m2d.runtime.runtime import RuntimeM2D
 
 device = torch.device('cpu')  # set 'cuda' if you run on a GPU
 
@@ -305,7 +304,7 @@ print(y.shape)
 def test_published_readme_examples_run_verbatim(tmp_path, monkeypatch, capsys):
     # A ViT-B checkpoint with the published folder name and key layout (one block, to stay small).
     torch.manual_seed(0)
-    from m2d.models_mae import create_model
+    from m2d.model.vit import create_model
     net = create_model('m2d_vit_base', img_size=[80, 608], depth=1, decoder_depth=1)
     folder = tmp_path / 'm2d_vit_base-80x608p16x16-220930-mr7'
     folder.mkdir()

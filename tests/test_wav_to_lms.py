@@ -14,12 +14,12 @@ import soundfile as sf
 import torch
 from conftest import peak_memory_of, press_ctrl_c, sparse_wav, start_as_in_a_terminal
 
-from m2d.audio_io import AudioReadError, load_audio, mix_to_mono
-from m2d.lms import EPS, LogMelSpectrogram
-from m2d.runtime_audio import RuntimeM2D
-from m2d.cli import OutputError, UsageError
-import m2d.wav_to_lms
-from m2d.wav_to_lms import convert_folder, main, write_file_list
+import m2d.tools.wav_to_lms
+from m2d.audio.io import load_audio, mix_to_mono
+from m2d.audio.lms import EPS, LogMelSpectrogram
+from m2d.errors import AudioReadError, OutputError, UsageError
+from m2d.runtime.runtime import RuntimeM2D
+from m2d.tools.wav_to_lms import convert_folder, main, write_file_list
 
 ROOT = Path(__file__).resolve().parents[1]
 # relative path -> (sample rate, seconds, channels); converted by default (suffix .wav)
@@ -332,14 +332,14 @@ def test_a_write_error_fails_its_file_and_a_full_disk_stops_the_run(corpus, tmp_
                                   'a file is in the way, not a folder')
     assert _npy_files(dst) == ['odd.npy', 'z.npy']
 
-    real_save, saves = m2d.wav_to_lms.save_npy_atomic, []
+    real_save, saves = m2d.tools.wav_to_lms.save_npy_atomic, []
 
     def full_after_one(array, path):
         saves.append(path)
         if len(saves) > 1:
             raise OSError(errno.ENOSPC, 'No space left on device')
         return real_save(array, path)
-    monkeypatch.setattr(m2d.wav_to_lms, 'save_npy_atomic', full_after_one)
+    monkeypatch.setattr(m2d.tools.wav_to_lms, 'save_npy_atomic', full_after_one)
     with pytest.raises(OutputError) as e:
         main(str(corpus), str(tmp_path / 'full'), workers=1)
     assert str(e.value) == (f'cannot write {saves[1]}: no space left on device; 1 of {len(GOOD) + len(BAD)} files '

@@ -10,16 +10,15 @@
 import argparse
 import sys
 
-from m2d.audio_io import AudioReadError
-from m2d.cli import HelpFormatter, UsageError, add_norm_stats_argument, run_tool
-
-from .embeddings import POOLINGS
-from .finetune import FinetuneConfig, finetune
-from .linear_probe import ProbeConfig
-from .lineareval import linear_evaluation
-from .results import DEFAULT_RESULTS, write_summary
-from .suite import SUITES, run_suite
-from .tasks import DEMO_DIR, TaskError
+from m2d.cli.common import HelpFormatter, add_norm_stats_argument, run_tool
+from m2d.errors import M2DError, UsageError
+from m2d.eval.embeddings import POOLINGS
+from m2d.eval.finetune import FinetuneConfig, finetune
+from m2d.eval.linear_probe import ProbeConfig
+from m2d.eval.lineareval import linear_evaluation
+from m2d.eval.results import DEFAULT_RESULTS, write_summary
+from m2d.eval.suite import SUITES, run_suite
+from m2d.eval.tasks import DEMO_DIR
 
 
 def str2bool(value: str) -> bool:
@@ -165,9 +164,9 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == 'summary':
             print(write_summary(args.results, mode=args.mode))
         elif args.command == 'make_demo':
-            from m2d.synth import write_labelled_task
+            from m2d.audio.synth import write_labelled_task
             print(write_labelled_task(args.dst, seed=args.seed))
-    except (TaskError, FileNotFoundError, AudioReadError, ValueError, RuntimeError) as e:
+    except M2DError as e:
         raise UsageError(f'{args.command}: {e}') from None
     return 0
 

@@ -16,13 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from m2d.audio_io import load_audio
-from m2d.cli import OutputError
-from m2d.lms import RunningMeanStd
-from m2d.runtime_audio import RuntimeM2D
+from m2d.audio.io import load_audio
+from m2d.audio.lms import RunningMeanStd
+from m2d.errors import OutputError, UsageError
+from m2d.eval.tasks import TaskData
+from m2d.runtime.runtime import RuntimeM2D
 from util.atomic import remove_stale_temp_files, save_npy_atomic
-
-from .tasks import TaskData
 
 CACHE_ENV = 'M2D_EVAL_CACHE'
 DEFAULT_CACHE = Path('work') / 'eval_cache'
@@ -36,9 +35,9 @@ def check_weight(weight: Union[str, Path], model: str = '', input_size=None) -> 
     """A checkpoint file that exists, or 'random' with the model and input size to build."""
     if str(weight) == 'random':
         if not (model and input_size):
-            raise ValueError("weight 'random' needs --model and --input_size, e.g. --model m2d_vit_base --input_size 80x608")
+            raise UsageError("weight 'random' needs --model and --input_size, e.g. --model m2d_vit_base --input_size 80x608")
     elif not Path(weight).is_file():
-        raise FileNotFoundError(f'weight file not found: {weight}')
+        raise UsageError(f'weight file not found: {weight}')
 
 
 def make_runtime(weight: Union[str, Path], device: Optional[Union[str, torch.device]] = None, seed: int = 0,
@@ -60,7 +59,7 @@ def check_layers(runtime: RuntimeM2D, output_layers: Sequence[int]) -> list[int]
     layers = [int(i) for i in output_layers]
     bad = [i for i in layers if not -depth <= i < depth]
     if not layers or bad:
-        raise ValueError(f'output_layers {layers}: the model has {depth} blocks; use indices in [-{depth}, {depth - 1}]')
+        raise UsageError(f'output_layers {layers}: the model has {depth} blocks; use indices in [-{depth}, {depth - 1}]')
     return layers
 
 
@@ -133,7 +132,7 @@ def normalize(runtime: RuntimeM2D, lms: torch.Tensor, stats: Optional[tuple[floa
 
 def check_pooling(pooling: str) -> None:
     if pooling not in POOLINGS:
-        raise ValueError(f'pooling {pooling!r}: use one of {", ".join(POOLINGS)}')
+        raise UsageError(f'pooling {pooling!r}: use one of {", ".join(POOLINGS)}')
 
 
 def pool(frames: torch.Tensor, pooling: str = 'mean') -> torch.Tensor:

@@ -17,13 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from m2d.runtime_audio import RuntimeM2D
-
-from .augment import augment_lms, mixup, one_hot
-from .embeddings import ClipDataset, clip_loader, make_runtime, norm_stats, normalize
-from .linear_probe import score
-from .results import DEFAULT_RESULTS, append_result
-from .tasks import TaskData, load_task, resolve_task
+from m2d.errors import UsageError
+from m2d.eval.augment import augment_lms, mixup, one_hot
+from m2d.eval.embeddings import ClipDataset, clip_loader, make_runtime, norm_stats, normalize
+from m2d.eval.linear_probe import score
+from m2d.eval.results import DEFAULT_RESULTS, append_result
+from m2d.eval.tasks import TaskData, load_task, resolve_task
+from m2d.runtime.runtime import RuntimeM2D
 
 
 @dataclass
@@ -76,7 +76,7 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimiz
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
     if cfg.optim == 'adamw':
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    raise ValueError(f'unknown optimizer {cfg.optim!r}; use sgd or adamw')
+    raise UsageError(f'unknown optimizer {cfg.optim!r}; use sgd or adamw')
 
 
 @torch.no_grad()
@@ -105,7 +105,7 @@ def finetune(weight: Union[str, Path], task: str, cfg: FinetuneConfig = Finetune
     """Fine-tune `weight` on `task` (fold tasks: hold out `fold`); append the test score to `results` and return the row."""
     started = time.time()
     if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ValueError(f'fine-tuning needs epochs >= 1 and batch_size >= 1 (got {cfg.epochs}, {cfg.batch_size})')
+        raise UsageError(f'fine-tuning needs epochs >= 1 and batch_size >= 1 (got {cfg.epochs}, {cfg.batch_size})')
     spec = resolve_task(task, data_root, audio_root, seconds)
     data = load_task(spec)
     index = data.indices(fold, seed=cfg.seed) if data.fold is not None else data.indices()

@@ -7,6 +7,8 @@ from typing import Optional, Union
 
 import pandas as pd
 
+from m2d.errors import UsageError
+
 RESULTS_ENV = 'M2D_EVAL_RESULTS'
 DEFAULT_RESULTS = Path(os.environ.get(RESULTS_ENV) or Path('results') / 'scores.csv')
 COLUMNS = ['weight', 'task', 'metric', 'score', 'seconds', 'date', 'mode', 'options']
@@ -70,7 +72,7 @@ def write_summary(results: Union[str, Path], weights: Optional[list[str]] = None
     """Print-ready markdown summary; also saves summary.csv and summary.md beside the results CSV."""
     results = Path(results)
     if not results.is_file():
-        raise FileNotFoundError(f'no results file {results}; run `python -m m2d.eval lineareval ...` first')
+        raise UsageError(f'no results file {results}; run `python -m m2d.eval lineareval ...` first')
     table = summary_table(results, weights, mode)
     if table.empty:
         return f'(no {mode} results{" for these weights" if weights else ""} in {results})'

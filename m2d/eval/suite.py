@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .lineareval import linear_evaluation
-from .results import DEFAULT_RESULTS, TASK_ORDER, write_summary
-from .tasks import DATA_ROOT_ENV, EVAR_TASKS, TaskError, resolve_task, task_available
+from m2d.errors import TaskError, UsageError
+from m2d.eval.lineareval import linear_evaluation
+from m2d.eval.results import DEFAULT_RESULTS, TASK_ORDER, write_summary
+from m2d.eval.tasks import DATA_ROOT_ENV, EVAR_TASKS, resolve_task, task_available
 
 SUITES = {
     'quick': ('demo', 'cremad', 'gtzan'),  # small tasks, run on checkpoints during pre-training
@@ -37,7 +38,7 @@ def run_suite(weight: Union[str, Path], config: str = 'quick', tasks: Optional[S
     Raises RuntimeError after the last task when any task failed (the others still run).
     """
     if config not in SUITES:
-        raise ValueError(f'unknown suite {config!r}; choose from {", ".join(SUITES)}')
+        raise UsageError(f'unknown suite {config!r}; choose from {", ".join(SUITES)}')
     tasks = list(tasks or SUITES[config])
     evar_root = evar_root or os.environ.get(EVAR_ROOT_ENV)
     weight = str(Path(weight).resolve()) if str(weight) != 'random' else 'random'
@@ -68,5 +69,5 @@ def run_suite(weight: Union[str, Path], config: str = 'quick', tasks: Optional[S
     if Path(results).is_file():
         print(f'\nLinear evaluation summary ({results}):\n{write_summary(results)}')
     if failed:
-        raise RuntimeError('some tasks failed:\n  ' + '\n  '.join(failed))
+        raise TaskError('some tasks failed:\n  ' + '\n  '.join(failed))
     return rows

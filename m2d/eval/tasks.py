@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from m2d.data import check_relative, read_table
+from m2d.errors import TaskError
+from m2d.filelist import check_relative, read_table
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DIR_ENV = 'M2D_EVAL_DEMO'
@@ -31,10 +32,6 @@ EVAR_TASKS = {
     'fsd50k': (1, 7.6358), 'fsdnoisy18k': (1, 8.25),
 }
 DEMO_SECONDS = 2.0
-
-
-class TaskError(ValueError):
-    """A task cannot be evaluated as given (unknown, missing files, unusable labels or splits)."""
 
 
 @dataclass(frozen=True)
@@ -62,10 +59,10 @@ def evar_spec(name: str, root: Optional[Union[str, Path]] = None) -> TaskSpec:
 
 
 def demo_spec(root: Union[str, Path] = DEMO_DIR) -> TaskSpec:
-    """The built-in demo task (m2d.synth.write_labelled_task), generated on first use."""
+    """The built-in demo task (m2d.audio.synth.write_labelled_task), generated on first use."""
     root = Path(root)
     if not (root / 'metadata.csv').exists():
-        from m2d.synth import write_labelled_task
+        from m2d.audio.synth import write_labelled_task
         print(f'Generating the demo task in {root} (once)', flush=True)
         root.parent.mkdir(parents=True, exist_ok=True)
         # Written aside and renamed into place, so concurrent evaluations never read a half-written task.

@@ -67,10 +67,10 @@ def record_run(published: Path, run: str, work: Path) -> dict:
     os.environ['CUDA_VISIBLE_DEVICES'] = ''  # before torch loads: the CPU behaviour of the published loop
     for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID'):
         os.environ.pop(name, None)  # one process, not distributed
+    import timm
     import torch
     import torch.nn as nn
     from torch.optim.optimizer import register_optimizer_step_pre_hook
-    import timm
     if not timm.__version__.startswith('0.4.'):
         sys.exit(f'error: the published code needs timm 0.4.x (found {timm.__version__}); '
                  'pip install timm==0.4.12 in this environment')

@@ -4,74 +4,22 @@ The CSV has a `file_name` column with paths relative to the data folder; each fi
 (1, F, T). An item is a random crop of `crop_frames` frames (right zero-padded in log space when the
 file is shorter), normalised with dataset statistics: (x - mean) / std.
 """
-import os
+import argparse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .lms import RunningMeanStd
+from m2d.audio.lms import RunningMeanStd
+from m2d.errors import UsageError
+from m2d.filelist import PathLike, read_file_list
+from util.dist import DistInfo
 
-PathLike = Union[str, Path]
 NORM_STATS_CROPS = 10_000  # crops drawn to estimate the normalisation statistics
 EPS = float(np.finfo(np.float32).eps)
-
-
-def read_table(path: PathLike, what: str = 'CSV', **read_csv_kwargs) -> pd.DataFrame:
-    """pd.read_csv with one-line errors that name the file (missing, empty, not a CSV). Only empty
-    fields are missing values (NaN): a name or label such as 'NA' or 'None' stays a string."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'{what} not found: {path}')
-    try:
-        return pd.read_csv(path, keep_default_na=False, na_values=[''], **read_csv_kwargs)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f'{what} {path} is empty; it needs a header line, then one row per file') from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ValueError(f'{what} {path} is not a readable CSV file ({str(e).strip()})') from None
-
-
-def leaves_folder(name: str) -> bool:
-    """Whether a relative path from a file list points outside its base folder: absolute, or climbing
-    out with '..'. Compared as written (lexically), so symlinks inside the folder may point anywhere."""
-    return os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir
-
-
-def check_relative(names: Sequence[str], lines: Sequence[int], listing: PathLike, base_option: str) -> None:
-    """Raise ValueError naming the first few `names` (at `lines` of the `listing` file) that leave their
-    base folder (see leaves_folder); `base_option` is the option that sets that folder."""
-    bad = [(n, line) for n, line in zip(names, lines) if leaves_folder(str(n))]
-    if bad:
-        shown = ', '.join(f'line {line}: {n}' for n, line in bad[:5]) + (', ...' if len(bad) > 5 else '')
-        raise ValueError(f'{listing}: {len(bad)} file names point outside {base_option} (absolute or with ..): '
-                         f'{shown}. List paths relative to {base_option}, or set {base_option} to a folder '
-                         f'that holds them all')
-
-
-def read_file_list(path: PathLike, what: str = 'dataset CSV', base_option: str = '--data_path') -> list[str]:
-    """The sorted file names of a list: a CSV's `file_name` column, or (for other suffixes, e.g. .txt)
-    one name per line. Names are paths relative to the folder `base_option` sets; names that leave it
-    are rejected (check_relative)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}. It lists paths relative to {base_option}: a CSV with a "
-                                "'file_name' column, or a text file with one path per line (see README)")
-    if path.suffix.lower() == '.csv':
-        df = read_table(path, what)
-        if 'file_name' not in df.columns:
-            raise ValueError(f"{path} has no 'file_name' column (columns: {list(df.columns)}); the first line "
-                             f"must be the header 'file_name', then one path per line, relative to {base_option}")
-        rows = [(str(f), i + 2) for i, f in enumerate(df['file_name']) if not pd.isna(f)]  # line 1: the header
-    else:
-        rows = [(line.strip(), n) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    if not rows:
-        raise ValueError(f'{path} lists no files')
-    check_relative([f for f, _ in rows], [line for _, line in rows], path, base_option)
-    return sorted(f for f, _ in rows)
 
 
 def _file_problem(path: Path, n_mels: int) -> Optional[str]:
@@ -114,10 +62,10 @@ def check_files(files: Sequence[str], data_path: PathLike, n_mels: int, skip_mis
     listing = '\n'.join(f'  {root / f}: {p}' for f, p in bad[:5]) + ('\n  ...' if len(bad) > 5 else '')
     summary = f'{len(bad)} of {len(files)} files listed in the dataset CSV are missing or unusable:\n{listing}'
     if not skip_missing:
-        raise ValueError(f'{summary}\nFix the files or the CSV, or pass --skip_missing to train without them.')
+        raise UsageError(f'{summary}\nFix the files or the CSV, or pass --skip_missing to train without them.')
     kept = [f for f, p in zip(files, problems) if not p]
     if not kept:
-        raise ValueError(f'{summary}\nNo usable files remain.')
+        raise UsageError(f'{summary}\nNo usable files remain.')
     print(f'WARNING: skipping {summary}')
     return kept
 
@@ -215,7 +163,7 @@ class BackgroundNoise:
     def __init__(self, files: Sequence[str], data_path: PathLike, crop_frames: int, ratio: float,
                  noise_mean: float):
         if not 0 < ratio < 1:
-            raise ValueError(f'noise ratio must be between 0 and 1 (exclusive), got {ratio}')
+            raise UsageError(f'noise ratio must be between 0 and 1 (exclusive), got {ratio}')
         self.files, self.data_path, self.crop_frames = list(files), Path(data_path), crop_frames
         self.ratio, self.noise_mean = float(ratio), float(noise_mean)
 
@@ -237,3 +185,34 @@ def load_vis_samples(folder: PathLike, crop_frames: int, norm_stats: tuple[float
     arrays = [np.load(p, mmap_mode='r') for p in paths]
     x = np.stack([crop_or_pad(a.reshape(1, -1, a.shape[-1]), 0, crop_frames) for a in arrays])  # (F, T) too
     return [p.stem for p in paths], (torch.from_numpy(x) - mean) / std
+
+
+def background_noise(config: argparse.Namespace, files: list[str]) -> Optional[BackgroundNoise]:
+    """The --noise_ratio mixer: background crops from --csv_bg_noise, else from the training files."""
+    if config.noise_ratio <= 0:
+        return None
+    if not config.csv_bg_noise:
+        return BackgroundNoise(files, config.data_path, config.input_size[1], config.noise_ratio, config.norm_stats[0])
+    bg_files = check_files(read_file_list(config.csv_bg_noise), config.data_path, config.input_size[0],
+                           config.skip_missing)
+    bg_mean = compute_norm_stats(bg_files, config.data_path, config.input_size[1], seed=config.seed)[0]
+    return BackgroundNoise(bg_files, config.data_path, config.input_size[1], config.noise_ratio, bg_mean)
+
+
+def make_loader(config: argparse.Namespace, info: DistInfo, files: list[str], device: torch.device
+                ) -> tuple[DataLoader, Callable[[int], None]]:
+    """The DataLoader of a settled run (config: its TrainConfig) and what to call at the start of each epoch.
+
+    A seeded shuffle every epoch (the sampler's set_epoch), on one process too: the order depends only on
+    --seed and the epoch. --published_data: sampler seed 0, a padded last batch, and on one process the
+    epoch-1 order throughout, as published. Workers start afresh each epoch (not persistent), seeded from
+    the main RNG, so a resume stays exact.
+    """
+    dataset = SpectrogramDataset(files, config.data_path, config.input_size[1], config.norm_stats,
+                                 background_noise(config, files))
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=0 if config.published_data else config.seed, drop_last=not config.published_data)
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+                        pin_memory=config.pin_mem and device.type == 'cuda', drop_last=True)
+    reshuffle = info.distributed or not config.published_data
+    return loader, (sampler.set_epoch if reshuffle else lambda epoch: None)

@@ -7,7 +7,7 @@
 
 Every `*.wav` (or `suffix`) below the source folder becomes a float32 (1, 80, T) .npy at the same
 relative path below the destination: 16 kHz mono as librosa.load(sr=16000, mono=True) gives it
-(m2d.audio_io.load_audio), then m2d.lms.LogMelSpectrogram, the front end RuntimeM2D.to_feature uses.
+(m2d.audio.io.load_audio), then m2d.audio.lms.LogMelSpectrogram, the front end RuntimeM2D.to_feature uses.
 
 Speed: a few worker processes (one per core), each converting many files with a single torch
 thread, so cores are never oversubscribed; each worker builds the mel front end once. Files are
@@ -29,14 +29,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from m2d.audio.io import MAX_SECONDS, add_max_seconds_argument, check_max_seconds, load_audio
+from m2d.audio.lms import LogMelSpectrogram
+from m2d.cli.common import describe_interrupt
+from m2d.errors import AudioReadError, Interrupted, OutputError, UsageError, write_error_reason
+from m2d.filelist import leaves_folder, read_file_list
+from m2d.outputs import DISK_WIDE_ERRORS, check_writable, writing
 from util.atomic import open_atomic, remove_stale_temp_files, save_npy_atomic
 from util.cpu import usable_cores
-
-from .audio_io import MAX_SECONDS, AudioReadError, add_max_seconds_argument, check_max_seconds, load_audio
-from .cli import (DISK_WIDE_ERRORS, Interrupted, OutputError, UsageError, check_writable, describe_interrupt,
-                  write_error_reason, writing)
-from .data import leaves_folder, read_file_list
-from .lms import LogMelSpectrogram
 
 PathLike = Union[str, Path]
 SAMPLE_RATE = 16000
@@ -171,20 +171,20 @@ def convert_folder(src: PathLike, dst: PathLike, suffix: str = '.wav', workers: 
     if not src.is_dir():
         raise NotADirectoryError(f'source folder not found: {src}')
     if not suffix:
-        raise ValueError("suffix must not be empty (e.g. '.wav', '.flac')")
+        raise UsageError("suffix must not be empty (e.g. '.wav', '.flac')")
     workers = usable_cores() if workers is None else int(workers)
     if workers < 1:
-        raise ValueError(f'workers must be >= 1, got {workers}')
+        raise UsageError(f'workers must be >= 1, got {workers}')
     if min_length < 0:
-        raise ValueError(f'min_length must be >= 0 seconds, got {min_length}')
+        raise UsageError(f'min_length must be >= 0 seconds, got {min_length}')
     if skip < 0:
-        raise ValueError(f'skip must be >= 0, got {skip}')
+        raise UsageError(f'skip must be >= 0, got {skip}')
     check_max_seconds(max_seconds)
     min_samples = int(SAMPLE_RATE * min_length)
     if files is not None:
         outside = [f for f in files if leaves_folder(str(f))]
         if outside:
-            raise ValueError(f'{len(outside)} listed files are not below {src} (absolute or with ..), e.g. '
+            raise UsageError(f'{len(outside)} listed files are not below {src} (absolute or with ..), e.g. '
                              f'{outside[:3]}; list paths relative to the source folder')
     if dst.is_dir():
         remove_stale_temp_files(dst, recursive=True)
@@ -234,7 +234,7 @@ def check_inside(folder: PathLike, data_path: PathLike) -> None:
     folder inside `data_path` counts as inside)."""
     folder, base = os.path.abspath(folder), os.path.abspath(data_path)
     if os.path.commonpath([folder, base]) != base:
-        raise ValueError(f'{folder} is not inside the data folder {base}: file names in the CSV are relative to '
+        raise UsageError(f'{folder} is not inside the data folder {base}: file names in the CSV are relative to '
                          f'--data_path, so put the LMS folder below it (e.g. {data_path}/lms_mydata) or set '
                          f'--data_path to a folder above it')
 
@@ -253,7 +253,7 @@ def write_file_list(lms_dirs: Union[PathLike, Sequence[PathLike]], csv_path: Pat
         check_inside(folder, data_path)
         names += [Path(os.path.relpath(p, base)).as_posix() for p in Path(folder).rglob('*.npy') if p.is_file()]
     if not names:
-        raise ValueError(f'no .npy files below {", ".join(map(str, dirs))}; nothing to list')
+        raise UsageError(f'no .npy files below {", ".join(map(str, dirs))}; nothing to list')
     names.sort()
     with open_atomic(csv_path, 'w') as f:
         writer = csv.writer(f, lineterminator='\n')
@@ -281,9 +281,7 @@ def main(src: str, dst: str, suffix: str = '.wav', workers: Optional[int] = None
             check_writable(csv)
         report = convert_folder(src, dst, suffix=suffix, workers=workers, min_length=float(min_length),
                                 verbose=verbose, files=names, skip=skip, max_seconds=max_seconds)
-    except UsageError:
-        raise
-    except (OSError, ValueError) as e:
+    except OSError as e:  # the source folder cannot be read
         raise UsageError(str(e)) from None
     print(report.summary(), file=sys.stderr)
     if not report.ok:

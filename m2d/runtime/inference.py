@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from .models_mae import MaskedAutoencoderViT
+from m2d.model.vit import MaskedAutoencoderViT
 
 # Private but long-standing (torch >= 2.0; torch.compile's CPU backend emits it); None without oneDNN.
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, '_linear_pointwise', None) if torch.backends.mkldnn.is_available() else None

@@ -18,6 +18,10 @@ import socket
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from m2d.errors import RunFolderError
+from m2d.outputs import writing
+from util.atomic import open_atomic
+
 try:
     import fcntl
 except ImportError:  # not on Windows: runs there are not locked
@@ -26,10 +30,6 @@ except ImportError:  # not on Windows: runs there are not locked
 LOCK_NAME = '.lock'
 ASIDE_PREFIX = 'previous-'
 _CHECKPOINT = re.compile(r'^checkpoint-(\d+)\.pth$')
-
-
-class RunFolderError(ValueError):
-    """The run folder belongs to another run, or is in use."""
 
 
 def checkpoint_epochs(folder: Path) -> dict[int, Path]:
@@ -147,3 +147,30 @@ def in_use(folder: Path) -> Optional[str]:
 def _in_use_message(folder: Path, owner: dict) -> str:
     return (f'{folder} is in use by another run ({_owner_text(owner)}); wait for it to finish, or choose another '
             '--output_dir')
+
+
+def unused_folder(name: str) -> Path:
+    """`name`, or `name-2`, `name-3`, ... if an earlier run saved checkpoints there or a run is using it."""
+    path, n = Path(name), 1
+    while checkpoint_epochs(path) or in_use(path):
+        n += 1
+        path = Path(f'{name}-{n}')
+    return path
+
+def truncate_log(path: Path, epochs_done: int) -> None:
+    """Keep the lines of log.txt up to epoch `epochs_done`, atomically: a run killed after logging epochs
+    it never saved must not list them twice once it is resumed from its last checkpoint."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line)['epoch'] <= epochs_done
+        except (ValueError, KeyError, TypeError):  # e.g. a line cut short by the kill
+            return False
+
+    kept = [line for line in lines if keep(line)]
+    if kept != lines:
+        with writing(path), open_atomic(path, 'w') as f:
+            f.writelines(kept)

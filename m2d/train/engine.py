@@ -16,13 +16,9 @@ import torch
 import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
+from m2d.errors import NonFiniteLossError
 from util.dist import all_reduce_mean
 from util.schedules import cosine_lr, ema_decay
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; training cannot go on."""
-
 
 AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'none': None}
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from .checkpoint import CheckpointError, count_blocks, load_state_strict
+from m2d.checkpoint import count_blocks, load_state_strict
+from m2d.errors import CheckpointError
 
 TEXT_POOLING = {'A': 'mean', 'B': 'cls'}  # folder-name text encoder part -> pooling
 

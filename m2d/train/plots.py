@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 import matplotlib
 import torch
 
-from .models_mae import MaskedAutoencoderViT
+from m2d.model.vit import MaskedAutoencoderViT
 
 matplotlib.use('Agg')  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)

@@ -32,14 +32,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from m2d.audio.io import (
+    AUDIO_SUFFIXES,
+    MAX_SECONDS,
+    add_max_seconds_argument,
+    check_max_seconds,
+    find_audio_files,
+    load_audio,
+)
+from m2d.audio.lms import RunningMeanStd
+from m2d.cli.common import add_norm_stats_argument, describe_interrupt
+from m2d.errors import AudioReadError, Interrupted, M2DError, OutputError, UsageError, write_error_reason
+from m2d.outputs import DISK_WIDE_ERRORS, check_writable
+from m2d.runtime.runtime import RuntimeM2D
 from util.atomic import remove_stale_temp_files, save_npy_atomic
-
-from .audio_io import (AUDIO_SUFFIXES, MAX_SECONDS, AudioReadError, add_max_seconds_argument, check_max_seconds,
-                       find_audio_files, load_audio)
-from .cli import (DISK_WIDE_ERRORS, LOAD_ERRORS, Interrupted, OutputError, UsageError, add_norm_stats_argument,
-                  check_writable, describe_interrupt, write_error_reason)
-from .lms import RunningMeanStd
-from .runtime_audio import RuntimeM2D
 
 
 @dataclass
@@ -71,7 +77,7 @@ def plan_outputs(input_path: Path, output_path: Path) -> list[tuple[Path, Path]]
         out = output_path if output_path.suffix == '.npy' else output_path / (input_path.stem + '.npy')
         return [(input_path, out)]
     if not input_path.is_dir():
-        raise FileNotFoundError(f'input not found: {input_path}')
+        raise UsageError(f'input not found: {input_path}')
     return [(src, output_path / src.relative_to(input_path).with_suffix('.npy'))
             for src in find_audio_files(input_path)]
 
@@ -135,7 +141,7 @@ def dataset_norm_stats(encoder: _Encoder, files: list[Path], report: EncodeRepor
         except (AudioReadError, ValueError) as e:
             report.failed.append((path, str(e).removeprefix(f'{path}: ')))
     if not stats.count:
-        raise ValueError('no readable audio to compute normalisation statistics from')
+        raise UsageError('no readable audio to compute normalisation statistics from')
     return stats.mean, stats.std
 
 
@@ -153,12 +159,12 @@ def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], ou
     for a missing input, and Interrupted on Ctrl-C (saying how many files were encoded).
     """
     if norm_stats is not None and dataset_norm:
-        raise ValueError('give either norm_stats or dataset_norm, not both')
+        raise UsageError('give either norm_stats or dataset_norm, not both')
     if norm_stats is not None and not (len(norm_stats) == 2 and all(map(math.isfinite, norm_stats))
                                        and float(norm_stats[1]) > 0):
-        raise ValueError(f'norm_stats must be finite (mean, std) with std > 0, got {norm_stats}')
+        raise UsageError(f'norm_stats must be finite (mean, std) with std > 0, got {norm_stats}')
     if batch_size < 1:
-        raise ValueError(f'batch_size must be at least 1, got {batch_size}')
+        raise UsageError(f'batch_size must be at least 1, got {batch_size}')
     check_max_seconds(max_seconds)
     input_path, output_path = Path(input_path), Path(output_path)
     jobs = plan_outputs(input_path, output_path)
@@ -186,7 +192,7 @@ def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], ou
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         runtime = RuntimeM2D(weight_file=str(weight_file), **settings)
-    except LOAD_ERRORS as e:  # the checkpoint errors name the file; others get it added
+    except M2DError as e:  # the checkpoint errors name the file; others get it added
         raise UsageError(str(e) if str(weight_file) in str(e) else f'cannot use the weight file {weight_file}: {e}') \
             from None
     runtime = runtime.to(device).eval()
@@ -252,14 +258,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The `encode` command: prints a summary and returns 1 when no input has an embedding file."""
-    try:
-        report = encode_files(args.weights, args.input, args.output, frames=args.frames, norm_stats=args.norm_stats,
-                              dataset_norm=args.dataset_norm, device=args.device, batch_size=args.batch_size,
-                              overwrite=args.overwrite, max_seconds=args.max_seconds, model=args.model,
-                              input_size=args.input_size, patch_size=args.patch_size,
-                              trust_checkpoint=args.trust_checkpoint)
-    except (FileNotFoundError, ValueError) as e:  # bad arguments or inputs: one line
-        raise UsageError(str(e)) from None
+    report = encode_files(args.weights, args.input, args.output, frames=args.frames, norm_stats=args.norm_stats,
+                          dataset_norm=args.dataset_norm, device=args.device, batch_size=args.batch_size,
+                          overwrite=args.overwrite, max_seconds=args.max_seconds, model=args.model,
+                          input_size=args.input_size, patch_size=args.patch_size, trust_checkpoint=args.trust_checkpoint)
     if not (report.encoded or report.skipped or report.failed):
         print(f'no {"/".join(AUDIO_SUFFIXES)} files found in {args.input}')
         return 1

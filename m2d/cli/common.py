@@ -1,60 +1,21 @@
 """What every command-line tool shares (`m2d COMMAND`, train_audio.py, wav_to_lms.py, python -m m2d.eval):
-one-line errors with exit status 2, a short line and status 130 on Ctrl-C, help that shows each
-option's default, one `--norm_stats` syntax, and checks that an output can be written before work starts.
+one line for m2d's errors (M2DError; exit status 2, 1 for a diverged training), a short line and status
+130 on Ctrl-C, help that shows each option's default, and one `--norm_stats` syntax.
 
 A tool module provides `add_arguments(parser)` and `run(args) -> exit status` (and optionally
 `complete_args(args, argv)`); `run_tool` builds its parser and runs it. Its docstring is the tool's description.
 """
 import argparse
-import contextlib
-import errno
 import math
-import pickle
 import sys
-import tempfile
-from pathlib import Path
 from types import ModuleType
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence
 
-EXIT_USAGE = 2
+from m2d.errors import M2DError
+
 EXIT_INTERRUPTED = 130  # what a shell reports for a process ended by SIGINT
 
-# What loading a weight file can raise: missing (OSError), not a checkpoint or the wrong model (ValueError
-# and subclasses), truncated or corrupt (RuntimeError from torch.load, pickle/EOF errors from old formats).
-LOAD_ERRORS = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError)
 
-_WRITE_REASONS = {errno.ENOSPC: 'no space left on device', errno.EDQUOT: 'disk quota exceeded',
-                  errno.EROFS: 'not writable (read-only file system)',
-                  errno.EACCES: 'not writable (permission denied)',
-                  errno.EPERM: 'not writable (operation not permitted)',
-                  errno.ENOTDIR: 'a file is in the way, not a folder',
-                  errno.EEXIST: 'a file is in the way, not a folder'}  # from making the folders of a path
-# Write errors that every later write to the same disk meets too: a batch job stops at the first one
-# instead of failing each remaining file the same way.
-DISK_WIDE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
-
-
-class UsageError(ValueError):
-    """Bad arguments or data: reported as one line (no traceback), exit status 2."""
-
-
-def write_error_reason(error: OSError) -> str:
-    """Why a write failed, in a few words: 'no space left on device', 'file name too long', ..."""
-    return _WRITE_REASONS.get(error.errno) or (error.strerror or str(error)).lower()
-
-
-class OutputError(UsageError):
-    """An output could not be written (disk full, read-only, ...): 'cannot write PATH: REASON[; NOTE]'."""
-
-    def __init__(self, path: Union[str, Path], reason: Union[str, OSError], note: str = ''):
-        if isinstance(reason, OSError):
-            reason = write_error_reason(reason)
-        super().__init__(f'cannot write {path}: {reason}' + (f'; {note}' if note else ''))
-        self.path = Path(path)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, carrying a line that says what was done and how to continue (still a KeyboardInterrupt)."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -92,12 +53,12 @@ def run_tool(module: ModuleType, prog: str, argv: Optional[Sequence[str]] = None
 
 
 def guarded(run, *args) -> int:
-    """run(*args) -> its exit status, with usage errors and Ctrl-C turned into one line on stderr."""
+    """run(*args) -> its exit status, with m2d's errors (M2DError) and Ctrl-C turned into one line on stderr."""
     try:
         return run(*args) or 0
-    except UsageError as e:
+    except M2DError as e:
         print(f'error: {e}', file=sys.stderr)
-        return EXIT_USAGE
+        return e.exit_status
     except KeyboardInterrupt as e:
         print(f'interrupted; {e}' if str(e) else 'interrupted', file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -137,35 +98,6 @@ def add_norm_stats_argument(parser: argparse.ArgumentParser, help: str, **kwargs
     """--norm_stats "[MEAN, STD]" (one argument, the published form) or --norm_stats MEAN STD."""
     return parser.add_argument('--norm_stats', nargs='+', action=_NormStatsAction, metavar='"[MEAN, STD]"',
                                help=help, **kwargs)
-
-
-# ----- outputs -------------------------------------------------------------------------------------
-
-def check_writable(path: Union[str, Path], folder: bool = False) -> None:
-    """Raise OutputError unless `path` (a file, or with folder=True a folder) can be created or written,
-    testing the nearest existing folder with a real temporary file (which also works for root)."""
-    path = Path(path)
-    if path.exists() and path.is_dir() != folder:
-        raise OutputError(path, 'it is a folder, not a file' if path.is_dir() else 'it is a file, not a folder')
-    existing = path if folder and path.is_dir() else path.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(path, f'{existing} is a file, not a folder')
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise OutputError(path, e) from None
-
-
-@contextlib.contextmanager
-def writing(path: Union[str, Path]) -> Iterator[None]:
-    """Turn an OSError raised in the block (disk full, read-only, ...) into an OutputError naming `path`."""
-    try:
-        yield
-    except OSError as e:
-        raise OutputError(path, e) from e
 
 
 def describe_interrupt(done: int, total: int, what: str) -> str:

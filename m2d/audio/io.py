@@ -9,16 +9,14 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from m2d.errors import AudioReadError, UsageError
+
 AUDIO_SUFFIXES = ('.wav', '.flac', '.ogg')
 # The longest audio `m2d wav2lms` and `m2d encode` read by default (--max_seconds): one hour. Converting
 # or encoding a file takes memory in proportion to its length (some 2 GB per hour of audio; there is one
 # file per worker at a time), so a header claiming days would exhaust memory before failing. An hour is
 # far beyond the clips of the usual data sets (AudioSet 10 s, FSD50K at most 30 s).
 MAX_SECONDS = 3600.0
-
-
-class AudioReadError(RuntimeError):
-    """An audio file could not be read, holds no samples, or holds NaN/inf samples."""
 
 
 def resample_like_librosa(wav: np.ndarray, sr: int, sample_rate: int) -> np.ndarray:
@@ -89,7 +87,7 @@ def add_max_seconds_argument(parser: argparse.ArgumentParser) -> None:
 def check_max_seconds(max_seconds: float) -> None:
     """Raise ValueError unless `max_seconds` is a usable limit for load_audio (> 0; inf for none)."""
     if not max_seconds > 0:
-        raise ValueError(f'--max_seconds must be more than 0 seconds, got {max_seconds:g}')
+        raise UsageError(f'--max_seconds must be more than 0 seconds, got {max_seconds:g}')
 
 
 def load_audio(path: Union[str, Path], sample_rate: int = 16000, max_seconds: Optional[float] = None) -> np.ndarray:
