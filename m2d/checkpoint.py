@@ -96,11 +96,22 @@ def load_checkpoint(path: Union[str, Path], trust: bool = False) -> Any:
                               f'({reason.strip()})') from None
 
 
+def model_state(model: nn.Module, norm_stats: Optional[Any]) -> dict[str, torch.Tensor]:
+    """The state dict a training checkpoint stores: the model's, plus `norm_stats` [mean, std] (the LMS
+    statistics it was trained with), as the later M2D stores them, so RuntimeM2D normalises with them."""
+    state = model.state_dict()
+    if norm_stats is not None:
+        state['norm_stats'] = torch.tensor([float(v) for v in norm_stats])
+    return state
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, args, rng_states) -> Path:
-    """checkpoint-N.pth: model (full state dict, EMA target included), optimizer, epoch (= epochs done;
-    the sampler epoch follows from it), scaler, args, and every rank's RNG states for an exact resume."""
-    return save_atomic({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-                        'scaler': scaler.state_dict(), 'args': args, 'rng': rng_states}, path)
+    """checkpoint-N.pth: model (full state dict, EMA target included, with args.norm_stats), optimizer,
+    epoch (= epochs done; the sampler epoch follows from it), scaler, args, and every rank's RNG states
+    for an exact resume."""
+    return save_atomic({'model': model_state(model, getattr(args, 'norm_stats', None)),
+                        'optimizer': optimizer.state_dict(), 'epoch': epoch, 'scaler': scaler.state_dict(),
+                        'args': args, 'rng': rng_states}, path)
 
 
 def check_norm_stats(values: Any, what: str) -> tuple[float, float]:
@@ -201,8 +212,9 @@ def extract_state_dict(checkpoint: Any, path: Union[str, Path]) -> dict[str, tor
         check_norm_stats(state['norm_stats'], f"{path}'s stored norm_stats")
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise CheckpointError(f'{path} holds NaN or inf values in {len(bad)} tensors ({", ".join(bad[:5])}'
-                              f'{" ..." if len(bad) > 5 else ""}): a diverged or damaged run; use an earlier checkpoint')
+        shown = ', '.join(bad[:5]) + (' ...' if len(bad) > 5 else '')
+        raise CheckpointError(f'{path} holds NaN or inf values in {len(bad)} tensors ({shown}): a diverged or '
+                              'damaged run; use an earlier checkpoint')
     return state
 
 

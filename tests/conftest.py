@@ -102,9 +102,13 @@ def sparse_wav(path: Path, hours: float, sr: int = 16000) -> int:
 
 
 def peak_memory_of(argv: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, int]:
-    """Run `m2d ARGV...` in a fresh process; -> (the finished process, its peak resident memory in bytes)."""
-    code = ('import resource, sys; from m2d.cli import main; status = main(sys.argv[1:]); '
-            'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr); sys.exit(status)')
+    """Run `m2d ARGV...` in a fresh process; -> (the finished process, its peak resident memory in bytes).
+
+    The peak is the process's own (VmHWM of its memory map): getrusage's ru_maxrss would also count the
+    peak of the test process it was forked from, which Linux carries across exec."""
+    code = ('import re, sys; from m2d.cli import main; status = main(sys.argv[1:]); '
+            'hwm = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()); '
+            'print(int(hwm[1]) * 1024, file=sys.stderr); sys.exit(status)')
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, '-c', code, *argv], capture_output=True, text=True, env=env, **kwargs)
     return done, int(done.stderr.splitlines()[-1])

@@ -57,7 +57,9 @@ def test_training_follows_the_published_trajectory(run, tmp_path, monkeypatch):
     assert ckpt['epoch'] == 3
 
     worst = {name: 0.0 for name in TOL}
-    for key, value in ckpt['model'].items():
+    state = dict(ckpt['model'])
+    assert state.pop('norm_stats').tolist() == pytest.approx(inputs.NORM_STATS)  # stored with the weights
+    for key, value in state.items():
         diff = np.abs(value.numpy() - REFERENCE[f'{run}/model/{key}']).max()
         worst[group(key)] = max(worst[group(key)], float(diff))
 

@@ -40,10 +40,13 @@ def fake_scripts(folder: Path) -> Path:
 
 
 def crafted(checkpoint: Path, dest: Path, **args) -> Path:
-    """A copy of a training checkpoint whose stored args are changed (weights-only loadable, as shared)."""
+    """A copy of a training checkpoint whose stored args are changed (weights-only loadable, as shared).
+    Crafted norm_stats replace the ones stored with the weights too (older files keep them in args only)."""
     ckpt = load_checkpoint(checkpoint)
     for key, value in args.items():
         setattr(ckpt['args'], key, value)
+    if 'norm_stats' in args:
+        del ckpt['model']['norm_stats']
     dest.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, dest)
     return dest

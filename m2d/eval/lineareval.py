@@ -10,11 +10,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from m2d.checkpoint import parse_size
 from m2d.eval.embeddings import task_embeddings
 from m2d.eval.linear_probe import ProbeConfig, evaluate_probe
 from m2d.eval.results import DEFAULT_RESULTS, append_result
 from m2d.eval.tasks import TaskData, load_task, resolve_task
-from m2d.runtime.runtime import parse_size
 
 
 def probe_task(embeddings: np.ndarray, task: TaskData, probe: ProbeConfig = ProbeConfig()) -> dict:

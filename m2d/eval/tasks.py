@@ -19,9 +19,9 @@ import soundfile as sf
 from m2d.errors import TaskError
 from m2d.filelist import check_relative, read_table
 
-REPO = Path(__file__).resolve().parents[2]
 DEMO_DIR_ENV = 'M2D_EVAL_DEMO'
-DEMO_DIR = Path(os.environ.get(DEMO_DIR_ENV) or REPO / 'data' / 'demo_task')
+# Below the folder a command runs in (as ./results), made on first use; $M2D_EVAL_DEMO moves it.
+DEMO_DIR = Path(os.environ.get(DEMO_DIR_ENV) or Path('data') / 'demo_task')
 DATA_ROOT_ENV = 'M2D_EVAL_DATA'
 SPLITS = ('train', 'valid', 'test')
 

@@ -26,7 +26,7 @@ from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from m2d.checkpoint import check_norm_stats, load_checkpoint, run_name, save_checkpoint, saved_args
+from m2d.checkpoint import check_norm_stats, load_checkpoint, model_state, run_name, save_checkpoint, saved_args
 from m2d.cli.common import guarded
 from m2d.errors import CheckpointError, Interrupted, M2DError, NonFiniteLossError, OutputError, UsageError
 from m2d.outputs import check_writable, writing
@@ -226,7 +226,8 @@ def save_initial_checkpoint(config: argparse.Namespace, path: Path) -> Path:
     """The weights a one-process run with `config` starts from (seeded with --seed, then built, as the run
     does), with its settings, as a checkpoint RuntimeM2D and the evaluator read (a random-init baseline)."""
     seed_everything(config.seed)
-    return save_atomic({'model': build_model(config).state_dict(), 'args': argparse.Namespace(**vars(config))}, path)
+    return save_atomic({'model': model_state(build_model(config), config.norm_stats),
+                        'args': argparse.Namespace(**vars(config))}, path)
 
 
 def main(args: argparse.Namespace, script_dir: Optional[Path] = None) -> RunResult:
