@@ -14,11 +14,11 @@ import m2d.hear as hear
 from m2d.audio.synth import write_labelled_task
 from m2d.checkpoint import describe, load_checkpoint, parse_folder_name, split_state
 from m2d.cli import main as m2d_main
+from m2d.cli.train import cli
 from m2d.errors import CheckpointError, UnsafeCheckpointError
 from m2d.eval.__main__ import main as eval_main
 from m2d.runtime.runtime import RuntimeM2D
 from m2d.train.config import get_args_parser
-from m2d.train.main import cli
 from m2d.train.main import main as pretrain_main
 
 pytestmark = pytest.mark.usefixtures('one_thread')

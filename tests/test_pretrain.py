@@ -18,11 +18,12 @@ import torch
 from conftest import FullDisk, make_checkpoint, make_lms_dataset, press_ctrl_c, start_as_in_a_terminal
 
 from m2d.checkpoint import load_checkpoint, save_checkpoint
+from m2d.cli.train import cli
 from m2d.model.vit import M2DViT
 from m2d.runtime.runtime import RuntimeM2D
 from m2d.train.config import build_model, get_args_parser
 from m2d.train.engine import Precision, Schedule, optimizer_step, train_one_epoch
-from m2d.train.main import build_optimizer, cli, main
+from m2d.train.main import build_optimizer, main
 from util.schedules import cosine_lr, ema_decay, scaled_lr
 
 REPO = Path(__file__).resolve().parents[1]

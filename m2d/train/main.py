@@ -27,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from m2d.checkpoint import check_norm_stats, load_checkpoint, model_state, run_name, save_checkpoint, saved_args
-from m2d.cli.common import guarded
 from m2d.errors import CheckpointError, Interrupted, M2DError, NonFiniteLossError, OutputError, UsageError
 from m2d.outputs import check_writable, writing
 from m2d.train import hooks
@@ -37,7 +36,6 @@ from m2d.train.config import (
     PUBLISHED_NUM_WORKERS,
     TrainConfig,
     build_model,
-    parse_args,
     validate_args,
 )
 from m2d.train.console import ConsoleCopy, console_copy
@@ -370,10 +368,3 @@ def run(args: argparse.Namespace, script_dir: Optional[Path] = None) -> int:
     and Ctrl-C raises Interrupted, for m2d.cli.common.guarded to report."""
     main(args, script_dir)
     return 0
-
-
-def cli(mae: bool = False, script_dir: Optional[Path] = None, argv: Optional[list[str]] = None) -> int:
-    """Entry point of train_audio.py / mae_train_audio.py: parse, train, and turn known failures into
-    a message and an exit status (2: bad arguments or data, 1: non-finite loss, 130: interrupted)."""
-    return guarded(lambda: run(parse_args(argv, mae), script_dir))
-
