@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from m2d.audio.io import load_audio
 from m2d.audio.lms import RunningMeanStd
+from m2d.cli.common import resolve_device
 from m2d.errors import OutputError, UsageError
 from m2d.eval.tasks import TaskData
 from m2d.runtime.runtime import RuntimeM2D
@@ -40,7 +41,7 @@ def check_weight(weight: Union[str, Path], model: str = '', input_size=None) -> 
         raise UsageError(f'weight file not found: {weight}')
 
 
-def make_runtime(weight: Union[str, Path], device: Optional[Union[str, torch.device]] = None, seed: int = 0,
+def make_runtime(weight: Union[str, Path], device: Optional[Union[str, torch.device]] = 'auto', seed: int = 0,
                  model: str = '', input_size=None, patch_size=None, **settings) -> RuntimeM2D:
     """RuntimeM2D for a checkpoint path, or for 'random' weights of `model` (seeded) at input_size/patch_size."""
     check_weight(weight, model, input_size)
@@ -50,8 +51,7 @@ def make_runtime(weight: Union[str, Path], device: Optional[Union[str, torch.dev
     torch.manual_seed(seed)
     runtime = RuntimeM2D(weight_file=weight, model=model, input_size=input_size or None,
                          patch_size=patch_size or None, **settings)
-    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    return runtime.to(device)
+    return runtime.to(device if isinstance(device, torch.device) else resolve_device(device))
 
 
 def check_layers(runtime: RuntimeM2D, output_layers: Sequence[int]) -> list[int]:
@@ -170,7 +170,7 @@ def cache_key(weight: str, task: TaskData, options: dict) -> str:
 
 def task_embeddings(weight: Union[str, Path], task: TaskData, output_layers: Sequence[int] = (-1,),
                     dataset_norm: bool = True, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-                    device: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None,
+                    device: Optional[str] = 'auto', cache_dir: Optional[Union[str, Path]] = None,
                     runtime_settings: Optional[dict] = None, pooling: str = 'mean') -> tuple[np.ndarray, bool]:
     """Embeddings [N, D'] of every clip of a task (metadata order) and whether they came from the cache.
 

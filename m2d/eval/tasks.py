@@ -3,7 +3,8 @@
 A task is a metadata CSV with `file_name` (relative to the task's audio folder), `label`
 (comma-separated for multi-label tasks) and either `split` (train/valid/test) or `fold` (1..K, each
 fold held out in turn as test). EVAR keeps them as `evar/metadata/<task>.csv` with 16 kHz audio in
-`work/16k/<task>/`; setting M2D_EVAL_DATA (or --data_root) to an EVAR checkout finds them there.
+`work/16k/<task>/`; setting --evar_root (or M2D_EVAL_DATA) to an EVAR checkout finds them there. A task
+given by its CSV has its audio below --data_path (the CSV's folder/audio, or the folder, by default).
 """
 import os
 import shutil
@@ -17,6 +18,7 @@ import pandas as pd
 import soundfile as sf
 
 from m2d.errors import TaskError
+from m2d.eval import EARLIER_KEYWORDS, renamed_keywords
 from m2d.filelist import check_relative, read_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +55,7 @@ def evar_spec(name: str, root: Optional[Union[str, Path]] = None) -> TaskSpec:
     """EVAR's layout below the data root: evar/metadata/<task>.csv and work/16k/<task>/."""
     base = evar_data_root(root)
     if base is None:
-        raise TaskError(f'task {name!r} is an EVAR task: set {DATA_ROOT_ENV} (or --data_root) to the EVAR folder '
+        raise TaskError(f'task {name!r} is an EVAR task: set {DATA_ROOT_ENV} (or --evar_root) to the EVAR folder '
                         f'holding evar/metadata/{name}.csv and work/16k/{name}/')
     return TaskSpec(name, base / 'evar' / 'metadata' / f'{name}.csv', base / 'work' / '16k' / name, EVAR_TASKS[name][1])
 
@@ -83,34 +85,37 @@ def demo_spec(root: Union[str, Path] = DEMO_DIR) -> TaskSpec:
     return TaskSpec('demo', root / 'metadata.csv', root / 'audio', DEMO_SECONDS)
 
 
-def csv_spec(path: Union[str, Path], audio_root: Optional[Union[str, Path]] = None,
-             seconds: Optional[float] = None) -> TaskSpec:
+def csv_spec(path: Union[str, Path], data_path: Optional[Union[str, Path]] = None,
+             clip_seconds: Optional[float] = None) -> TaskSpec:
     """A task given by its metadata CSV, named after the file (or its folder, for metadata.csv).
-    Audio defaults to the CSV's folder/audio (or the folder itself); the clip length to the longest listed file."""
+    data_path (the folder its file names start from) defaults to the CSV's folder/audio (or the folder itself);
+    the clip length to the longest listed file."""
     path = Path(path)
-    if audio_root is None:
-        audio_root = path.parent / 'audio' if (path.parent / 'audio').is_dir() else path.parent
+    if data_path is None:
+        data_path = path.parent / 'audio' if (path.parent / 'audio').is_dir() else path.parent
     name = path.parent.name if path.stem == 'metadata' else path.stem  # dst/metadata.csv (demo layout) -> dst
-    spec = TaskSpec(name, path, Path(audio_root), seconds or 0.0)
-    if not seconds:
+    spec = TaskSpec(name, path, Path(data_path), clip_seconds or 0.0)
+    if not clip_seconds:
         files = [spec.audio_root / f for f in read_metadata(spec).file_name]
         check_files(spec, files)
         spec = TaskSpec(spec.name, spec.metadata, spec.audio_root, max(sf.info(str(f)).duration for f in files))
     return spec
 
 
-def resolve_task(task: str, data_root: Optional[Union[str, Path]] = None, audio_root: Optional[str] = None,
-                 seconds: Optional[float] = None) -> TaskSpec:
-    """A task name ('demo' or an EVAR task) or a metadata CSV path -> TaskSpec."""
+@renamed_keywords(**EARLIER_KEYWORDS)
+def resolve_task(task: str, evar_root: Optional[Union[str, Path]] = None, data_path: Optional[str] = None,
+                 clip_seconds: Optional[float] = None) -> TaskSpec:
+    """A task name ('demo' or an EVAR task, found below `evar_root`) or a metadata CSV path -> TaskSpec.
+    data_path: the audio folder its file names start from; clip_seconds: the clip length (default: the task's)."""
     if task == 'demo':
         return demo_spec()
     if task in EVAR_TASKS:
-        spec = evar_spec(task, data_root)
-        return TaskSpec(spec.name, spec.metadata, Path(audio_root or spec.audio_root), seconds or spec.seconds)
+        spec = evar_spec(task, evar_root)
+        return TaskSpec(spec.name, spec.metadata, Path(data_path or spec.audio_root), clip_seconds or spec.seconds)
     if task.endswith('.csv') or Path(task).is_file():
         if not Path(task).is_file():
             raise TaskError(f'metadata file not found: {task}')
-        return csv_spec(task, audio_root, seconds)
+        return csv_spec(task, data_path, clip_seconds)
     raise TaskError(f'unknown task {task!r}; known tasks: demo, {", ".join(EVAR_TASKS)}, '
                     'or a path to an EVAR-format metadata CSV (file_name, label, split|fold)')
 
@@ -144,7 +149,7 @@ def read_metadata(spec: TaskSpec) -> pd.DataFrame:
         raise TaskError(f'task {spec.name!r}: {len(unnamed)} rows of {spec.metadata} have no file_name: '
                         f'{_rows(df, unnamed)}')
     try:
-        check_relative(df.file_name.astype(str).tolist(), list(range(2, len(df) + 2)), spec.metadata, '--audio_root')
+        check_relative(df.file_name.astype(str).tolist(), list(range(2, len(df) + 2)), spec.metadata, '--data_path')
     except ValueError as e:
         raise TaskError(f'task {spec.name!r}: {e}') from None
     return df
