@@ -202,7 +202,8 @@ def extract_state_dict(checkpoint: Any, path: Union[str, Path]) -> dict[str, tor
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f'{path} holds NaN or inf values in {len(bad)} tensors ({", ".join(bad[:5])}'
-                              f'{" ..." if len(bad) > 5 else ""}): a diverged or damaged run; use an earlier checkpoint')
+                              f'{" ..." if len(bad) > 5 else ""}): a diverged or damaged run; '
+                              'use an earlier checkpoint')
     return state
 
 

@@ -36,7 +36,8 @@ def check_weight(weight: Union[str, Path], model: str = '', input_size=None) -> 
     """A checkpoint file that exists, or 'random' with the model and input size to build."""
     if str(weight) == 'random':
         if not (model and input_size):
-            raise UsageError("weight 'random' needs --model and --input_size, e.g. --model m2d_vit_base --input_size 80x608")
+            raise UsageError("weight 'random' needs --model and --input_size, "
+                             'e.g. --model m2d_vit_base --input_size 80x608')
     elif not Path(weight).is_file():
         raise UsageError(f'weight file not found: {weight}')
 
@@ -59,12 +60,14 @@ def check_layers(runtime: RuntimeM2D, output_layers: Sequence[int]) -> list[int]
     layers = [int(i) for i in output_layers]
     bad = [i for i in layers if not -depth <= i < depth]
     if not layers or bad:
-        raise UsageError(f'output_layers {layers}: the model has {depth} blocks; use indices in [-{depth}, {depth - 1}]')
+        raise UsageError(f'output_layers {layers}: the model has {depth} blocks; '
+                         f'use indices in [-{depth}, {depth - 1}]')
     return layers
 
 
 def layer_features(runtime: RuntimeM2D, lms: torch.Tensor, output_layers: Sequence[int] = (-1,)) -> torch.Tensor:
-    """Normalised LMS [B, 1, F, T] -> frame features of the chosen blocks, concatenated: [B, T', D' * len(output_layers)].
+    """Normalised LMS [B, 1, F, T] -> frame features of the chosen blocks, concatenated:
+    [B, T', D' * len(output_layers)].
 
     [-1] is the final output (after the last norm); other indices are block outputs (see encode_lms).
     """
@@ -163,8 +166,8 @@ def _file_id(path: Union[str, Path]) -> list:
 
 def cache_key(weight: str, task: TaskData, options: dict) -> str:
     weight_id = ['random'] if str(weight) == 'random' else _file_id(weight)
-    ident = dict(weight=weight_id, metadata=_file_id(task.spec.metadata), audio_root=str(task.spec.audio_root.resolve()),
-                 seconds=task.spec.seconds, **options)
+    ident = dict(weight=weight_id, metadata=_file_id(task.spec.metadata),
+                 audio_root=str(task.spec.audio_root.resolve()), seconds=task.spec.seconds, **options)
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

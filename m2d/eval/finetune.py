@@ -2,7 +2,7 @@
 
 Defaults are those of for_evar/m2d.yaml (ft_lr 2.0, ft_bs 128, ft_epochs 200, warmup 5, mixup 0.5,
 freq/time masks 30/192, RRC on); the published per-task command lines override some of them, e.g.
-    python -m m2d.eval finetune WEIGHT esc50 --lr 0.5 --freq_mask 0 --time_mask 0 --training_mask 0.5 --mixup 0.0 --rrc True
+    m2d eval finetune WEIGHT_FILE esc50 --lr 0.5 --freq_mask 0 --time_mask 0 --training_mask 0.5 --mixup 0.0 --rrc True
 """
 import copy
 import math
@@ -44,7 +44,8 @@ class FinetuneConfig:
 
 
 class FinetuneModel(nn.Module):
-    """Audio [B, S] -> LMS normalised with dataset stats -> (augmented in training) -> M2D -> mean -> Linear -> logits [B, C].
+    """Audio [B, S] -> LMS normalised with dataset stats -> (augmented in training) -> M2D -> mean -> Linear
+    -> logits [B, C].
 
     bf16: run the encoder and head under bfloat16 autocast (the log-mel front end stays float32).
     """
@@ -54,7 +55,8 @@ class FinetuneModel(nn.Module):
         super().__init__()
         self.runtime, self.stats, self.cfg, self.bf16 = runtime, stats, cfg, bf16
         self.head = nn.Linear(runtime.cfg.feature_d, n_classes)
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # a near-zero head keeps early gradients for the encoder small
+        # A near-zero head keeps early gradients for the encoder small.
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
@@ -112,7 +114,8 @@ def finetune(weight_file: Union[str, Path], task: str, cfg: FinetuneConfig = Fin
     spec = resolve_task(task, evar_root, data_path, clip_seconds)
     data = load_task(spec)
     index = data.indices(fold, seed=cfg.seed) if data.fold is not None else data.indices()
-    runtime = make_runtime(weight_file, device=device, seed=cfg.seed, training_mask=cfg.training_mask, **runtime_settings)
+    runtime = make_runtime(weight_file, device=device, seed=cfg.seed, training_mask=cfg.training_mask,
+                           **runtime_settings)
     torch.manual_seed(cfg.seed)
     sr = runtime.sample_rate  # the audio the model was trained on: 32 kHz for p32k weights
     stats = runtime.norm_stats or norm_stats(runtime, clip_loader([data.files[i] for i in index['train']], spec.seconds,

@@ -159,7 +159,8 @@ def check_files(spec: TaskSpec, files: list[Path]) -> None:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise TaskError(f'task {spec.name!r}: {len(missing)} of {len(files)} listed audio files are missing below '
-                        f'{spec.audio_root}:\n  ' + '\n  '.join(missing[:10]) + ('\n  ...' if len(missing) > 10 else ''))
+                        f'{spec.audio_root}:\n  ' + '\n  '.join(missing[:10])
+                        + ('\n  ...' if len(missing) > 10 else ''))
 
 
 @dataclass
@@ -198,8 +199,9 @@ def _check_labels(spec: TaskSpec, labels: list[list[str]], groups: np.ndarray, w
     for g in np.unique(groups):
         if what == 'split' and g == 'train':
             continue
-        seen = {l for ls, gg in zip(labels, groups) if (gg == 'train' if what == 'split' else gg != g) for l in ls}
-        unseen = sorted({l for ls, gg in zip(labels, groups) if gg == g for l in ls} - seen)
+        seen = {label for ls, gg in zip(labels, groups) if (gg == 'train' if what == 'split' else gg != g)
+                for label in ls}
+        unseen = sorted({label for ls, gg in zip(labels, groups) if gg == g for label in ls} - seen)
         if unseen:
             raise TaskError(f'task {spec.name!r}: {what} {g} has labels that no training sample has: '
                             f'{unseen[:10]}; a classifier cannot learn them. Fix the metadata split.')
@@ -209,13 +211,13 @@ def load_task(spec: TaskSpec, check_audio: bool = True) -> TaskData:
     """Read and validate a task: columns, splits/folds with samples, at least two classes, no test label
     absent from training, and (check_audio) every listed file present."""
     df = read_metadata(spec)
-    labels = [[] if pd.isna(v) else [l.strip() for l in v.split(',') if l.strip()] for v in df.label]
-    unlabelled = [i for i, ls in enumerate(labels) if not ls or any(l.lower() == 'nan' for l in ls)]
+    labels = [[] if pd.isna(v) else [label.strip() for label in v.split(',') if label.strip()] for v in df.label]
+    unlabelled = [i for i, ls in enumerate(labels) if not ls or any(label.lower() == 'nan' for label in ls)]
     if unlabelled:  # never a class called 'nan'
         raise TaskError(f'task {spec.name!r}: {len(unlabelled)} rows of {spec.metadata} have an empty or NaN label: '
                         f'{_rows(df, unlabelled)}; give every row a label, or remove the row')
     multi_label = any(len(ls) > 1 for ls in labels)
-    classes = sorted({l for ls in labels for l in ls})
+    classes = sorted({label for ls in labels for label in ls})
     if len(classes) < 2:
         raise TaskError(f'task {spec.name!r}: only one class ({classes}); a classifier needs at least two')
     column = 'split' if 'split' in df.columns else 'fold'
@@ -248,7 +250,7 @@ def load_task(spec: TaskSpec, check_audio: bool = True) -> TaskData:
     if multi_label:
         y = np.zeros((len(labels), len(classes)), dtype=np.float32)
         for row, ls in enumerate(labels):
-            y[row, [index[l] for l in ls]] = 1.0
+            y[row, [index[label] for label in ls]] = 1.0
     else:
         y = np.array([index[ls[0]] for ls in labels], dtype=np.int64)
     return TaskData(spec, files, y, classes, multi_label, split, fold)
