@@ -101,7 +101,7 @@ def test_trust_checkpoint_is_the_opt_in(tiny_ckpt, tmp_path, capsys):
     assert m2d_main(['encode', str(path), str(task.parent / 'audio'), str(tmp_path / 'out'), '--trust_checkpoint']) == 0
     assert len(list((tmp_path / 'out').rglob('*.npy'))) == len(list((task.parent / 'audio').rglob('*.wav')))
     eval_main(['lineareval', str(path), str(task), '--results', str(tmp_path / 'r.csv'), '--trust_checkpoint',
-               '--epochs', '2'])
+               '--epochs', '2', '--cache_dir', str(tmp_path / 'cache')])
     assert 'accuracy' in capsys.readouterr().out
 
 
