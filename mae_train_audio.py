@@ -2,7 +2,7 @@
 import sys
 from pathlib import Path
 
-from m2d.train.main import cli
+from m2d.cli.train import cli
 
 if __name__ == '__main__':
     sys.exit(cli(mae=True, script_dir=Path(__file__).resolve().parent))

@@ -105,7 +105,8 @@ def main(argv=None) -> None:
                    help='keep alternating until this long per case (default: 20 on CPU, 3 on CUDA)')
     p.add_argument('--fast_case', default='10x8', help="clip seconds x batch of the bf16/compile rows ('': none)")
     p.add_argument('--no_compile', action='store_true', help='skip the torch.compile row')
-    p.add_argument('--quick', action='store_true', help='short check: 1, 6.07 and 10 s, batch 1 and 2, one pair, no compile')
+    p.add_argument('--quick', action='store_true',
+                   help='short check: 1, 6.07 and 10 s, batch 1 and 2, one pair, no compile')
     p.add_argument('--threads', type=int, default=0, help='torch intra-op threads (0: torch default)')
     p.add_argument('--device', default='cpu')
     args = p.parse_args(argv)
@@ -128,7 +129,8 @@ def main(argv=None) -> None:
     n_mels, W = ours.cfg.input_size
     precisions = ['fp32', 'bf16'] if device.type == 'cuda' else ['fp32']
     print(f'{args.model} {args.input_size} p{args.patch_size}, device {device}'
-          + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else f', {torch.get_num_threads()} threads')
+          + (f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda'
+             else f', {torch.get_num_threads()} threads')
           + f', torch {torch.__version__}; {args.min_pairs}-{args.max_pairs} alternating pairs per case '
           f'(at least {args.case_seconds:g} s), medians with (min-max)', flush=True)
     print('\n| precision | clip | batch | ours clips/s | plain loop clips/s | ours / plain | '
@@ -157,8 +159,8 @@ def main(argv=None) -> None:
     if not args.fast_case:
         fast = {}
     elif fast_lms is None:
-        fast_lms = torch.randn(int(fast_batch), 1, n_mels, 1 + int(fast_seconds * ours.sample_rate) // ours.cfg.hop_size,
-                               device=device)
+        frames = 1 + int(fast_seconds * ours.sample_rate) // ours.cfg.hop_size
+        fast_lms = torch.randn(int(fast_batch), 1, n_mels, frames, device=device)
     if fast:
         print(f'\nFast paths, {fast_seconds:g} s clips x {fast_batch:g}, against ours in fp32:\n')
         print('| setting | clips/s | fp32 clips/s | speed-up | max abs deviation from fp32 (feature std) |')

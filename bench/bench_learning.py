@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     # mean), then as statistics (time mean and std), so that pooling is not what a comparison measures.
     scores = {pooling: {} for pooling in POOLINGS}
     for task_name, metadata in task_csvs.items():
-        task = load_task(resolve_task(str(metadata), seconds=learning_corpus.TASKS[task_name][2]))
+        task = load_task(resolve_task(str(metadata), clip_seconds=learning_corpus.TASKS[task_name][2]))
         embeddings = {'log-mel': logmel_embeddings(task)}
         for label, weight in weights.items():
             embeddings[label] = task_embeddings(weight, task, cache_dir='', device='cpu', pooling='mean+std')[0]

@@ -297,7 +297,7 @@ def _stratified_splits(labels: list[str], rng: np.random.Generator) -> list[str]
     """train/valid/test per SPLIT_SHARES within each class, at random."""
     splits = [''] * len(labels)
     for c in sorted(set(labels)):
-        idx = rng.permutation([i for i, l in enumerate(labels) if l == c])
+        idx = rng.permutation([i for i, label in enumerate(labels) if label == c])
         bounds = np.cumsum([0] + [round(share * len(idx)) for _, share in SPLIT_SHARES[:-1]] + [len(idx)])
         bounds[-1] = len(idx)
         for (split, _), a, b in zip(SPLIT_SHARES, bounds[:-1], bounds[1:]):

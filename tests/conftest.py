@@ -79,7 +79,8 @@ def make_lms_dataset(root: Path, lengths=(150, 96, 60, 300) * 4, n_mels: int = 8
     if vis:
         (root / 'vis_samples').mkdir(exist_ok=True)
         for i in range(vis):
-            np.save(root / 'vis_samples' / f'vis{i}.npy', (rng.standard_normal((1, n_mels, 120)) - 5).astype(np.float32))
+            vis = rng.standard_normal((1, n_mels, 120)) - 5
+            np.save(root / 'vis_samples' / f'vis{i}.npy', vis.astype(np.float32))
     return root
 
 
@@ -104,11 +105,11 @@ def sparse_wav(path: Path, hours: float, sr: int = 16000) -> int:
 def peak_memory_of(argv: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, int]:
     """Run `m2d ARGV...` in a fresh process; -> (the finished process, its peak resident memory in bytes).
 
-    The peak is the process's own (VmHWM of its memory map): getrusage's ru_maxrss would also count the
-    peak of the test process it was forked from, which Linux carries across exec."""
-    code = ('import re, sys; from m2d.cli import main; status = main(sys.argv[1:]); '
-            'hwm = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()); '
-            'print(int(hwm[1]) * 1024, file=sys.stderr); sys.exit(status)')
+    The peak is /proc's VmHWM of the process: getrusage's ru_maxrss would also count the peak of the
+    pytest process that started it (Linux carries it over the vfork and exec of subprocess)."""
+    code = ('import sys; from m2d.cli import main; status = main(sys.argv[1:]); '
+            'peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")); '
+            'print(int(peak.split()[1]) * 1024, file=sys.stderr); sys.exit(status)')
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, '-c', code, *argv], capture_output=True, text=True, env=env, **kwargs)
     return done, int(done.stderr.splitlines()[-1])

@@ -14,11 +14,11 @@ import m2d.hear as hear
 from m2d.audio.synth import write_labelled_task
 from m2d.checkpoint import describe, load_checkpoint, parse_folder_name, split_state
 from m2d.cli import main as m2d_main
+from m2d.cli.train import cli
 from m2d.errors import CheckpointError, UnsafeCheckpointError
 from m2d.eval.__main__ import main as eval_main
 from m2d.runtime.runtime import RuntimeM2D
 from m2d.train.config import get_args_parser
-from m2d.train.main import cli
 from m2d.train.main import main as pretrain_main
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -53,7 +53,8 @@ def crafted(tiny_ckpt, tmp_path):
     """A checkpoint whose unpickling would write `marker`; and proof that the payload does work."""
     marker = tmp_path / 'MARKER'
     proof = tmp_path / 'proof-marker'
-    trusted = resave(tiny_ckpt, tmp_path / 'proof' / tiny_ckpt.parent.name / 'checkpoint-1.pth', args=WritesMarker(proof))
+    trusted = resave(tiny_ckpt, tmp_path / 'proof' / tiny_ckpt.parent.name / 'checkpoint-1.pth',
+                     args=WritesMarker(proof))
     torch.load(trusted, weights_only=False)  # what the old fallback did
     assert proof.exists()
     path = resave(tiny_ckpt, tmp_path / tiny_ckpt.parent.name / 'checkpoint-1.pth', args=WritesMarker(marker))
@@ -100,7 +101,7 @@ def test_trust_checkpoint_is_the_opt_in(tiny_ckpt, tmp_path, capsys):
     assert m2d_main(['encode', str(path), str(task.parent / 'audio'), str(tmp_path / 'out'), '--trust_checkpoint']) == 0
     assert len(list((tmp_path / 'out').rglob('*.npy'))) == len(list((task.parent / 'audio').rglob('*.wav')))
     eval_main(['lineareval', str(path), str(task), '--results', str(tmp_path / 'r.csv'), '--trust_checkpoint',
-               '--epochs', '2'])
+               '--epochs', '2', '--cache_dir', str(tmp_path / 'cache')])
     assert 'accuracy' in capsys.readouterr().out
 
 
@@ -112,7 +113,8 @@ def test_unreadable_weight_files_give_one_line_errors(tiny_ckpt, tmp_path, capsy
     (folder / 'text.pth').write_text('not a checkpoint')
     (folder / 'empty.pth').write_bytes(b'')
     for name in ('truncated.pth', 'text.pth', 'empty.pth'):
-        with pytest.raises(CheckpointError, match=f'cannot read .*{name}: not a PyTorch checkpoint, or truncated or corrupt'):
+        with pytest.raises(CheckpointError,
+                           match=f'cannot read .*{name}: not a PyTorch checkpoint, or truncated or corrupt'):
             RuntimeM2D(weight_file=str(folder / name))
     # Another architecture under this folder's name (m2d_vit_small weights): strict loading lists what differs.
     shutil.move(make_checkpoint(tmp_path / 'other', model='m2d_vit_small'), folder / 'wrong.pth')
@@ -130,7 +132,8 @@ def test_unreadable_weight_files_give_one_line_errors(tiny_ckpt, tmp_path, capsy
         RuntimeM2D(weight_file=str(folder / 'deep.pth'), depth=2)
     data_root = make_lms_dataset(tmp_path / 'data')
     for name in ('truncated.pth', 'empty.pth'):
-        argv = ['--resume', str(folder / name), '--data_path', str(data_root), '--dataset', str(data_root / 'files.csv')]
+        argv = ['--resume', str(folder / name), '--data_path', str(data_root),
+                '--dataset', str(data_root / 'files.csv')]
         assert cli(argv=argv) == 2
         assert 'error: --resume: cannot read' in one_line_error(capsys.readouterr().err)
 

@@ -74,7 +74,8 @@ def test_text_embeddings_by_kind_and_stored_weights(tmp_path, text_folder):
                                atol=1e-5, rtol=1e-4)
     audio = runtime.encode_clap_audio(torch.zeros(2, 16000).uniform_(-1, 1))
     assert audio.shape == (2, 192)  # the shared space: cosine similarities between the two are defined
-    assert torch.nn.functional.cosine_similarity(audio[:, None], runtime.encode_clap_text(TEXTS)[None], -1).shape == (2, 2)
+    similarity = torch.nn.functional.cosine_similarity(audio[:, None], runtime.encode_clap_text(TEXTS)[None], -1)
+    assert similarity.shape == (2, 2)
 
 
 def test_text_encoder_errors(tmp_path, text_folder, monkeypatch):

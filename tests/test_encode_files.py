@@ -57,8 +57,9 @@ def rt(tiny_ckpt):
 
 
 def test_folder_clip_embeddings_and_failures(tiny_ckpt, rt, audio_dir, tmp_path):
+    """Per-clip normalisation (dataset_norm=False): each file's embedding is the runtime's of that file alone."""
     out = tmp_path / 'emb'
-    report = encode_files(tiny_ckpt, audio_dir, out, batch_size=2, progress=False)
+    report = encode_files(tiny_ckpt, audio_dir, out, dataset_norm=False, batch_size=2, progress=False)
     assert sorted(str(p.relative_to(out)) for p in report.encoded) == sorted(f'{g}.npy' for g in GOOD)
     assert sorted(p.name for p, _ in report.failed) == sorted(BAD) and report.ok
     for path, reason in report.failed:
@@ -72,8 +73,10 @@ def test_folder_clip_embeddings_and_failures(tiny_ckpt, rt, audio_dir, tmp_path)
 
 
 def test_frames_and_batch_size_independence(tiny_ckpt, rt, audio_dir, tmp_path):
-    one = encode_files(tiny_ckpt, audio_dir, tmp_path / 'one', frames=True, batch_size=1, progress=False)
-    many = encode_files(tiny_ckpt, audio_dir, tmp_path / 'many', frames=True, batch_size=8, progress=False)
+    one = encode_files(tiny_ckpt, audio_dir, tmp_path / 'one', frames=True, dataset_norm=False, batch_size=1,
+                       progress=False)
+    many = encode_files(tiny_ckpt, audio_dir, tmp_path / 'many', frames=True, dataset_norm=False, batch_size=8,
+                        progress=False)
     assert len(one.encoded) == len(many.encoded) == 3
     for name in GOOD:
         a, b = np.load(tmp_path / 'one' / f'{name}.npy'), np.load(tmp_path / 'many' / f'{name}.npy')
@@ -100,19 +103,21 @@ def test_single_file_and_skip_existing(tiny_ckpt, audio_dir, tmp_path):
 def test_norm_options(tiny_ckpt, rt, audio_dir, tmp_path):
     fixed = encode_files(tiny_ckpt, audio_dir, tmp_path / 'fixed', norm_stats=(-8.0, 3.0), progress=False)
     assert len(fixed.encoded) == 4  # digital silence is encodable with fixed statistics
+    assert fixed.norm_stats is None  # given statistics take the place of the dataset's
     lms = rt.to_feature(torch.from_numpy(load_audio(audio_dir / 'a' / 'tone16k.wav'))[None])
     expected = rt.encode_lms((lms + 8.0) / 3.0).mean(dim=1)[0]
     np.testing.assert_allclose(np.load(tmp_path / 'fixed' / 'a' / 'tone16k.npy'), expected, atol=1e-5, rtol=1e-5)
 
-    data = encode_files(tiny_ckpt, audio_dir, tmp_path / 'data', dataset_norm=True, progress=False)
+    data = encode_files(tiny_ckpt, audio_dir, tmp_path / 'data', batch_size=3, progress=False)  # the default
     readable = [p for p in audio_dir.rglob('*') if p.suffix in ('.wav', '.flac')
                 and p.name not in ('corrupt.wav', 'empty.wav', 'short.wav')]
     values = torch.cat([rt.to_feature(torch.from_numpy(load_audio(p))[None]).flatten() for p in readable]).double()
     np.testing.assert_allclose(data.norm_stats, (values.mean().item(), values.std(unbiased=False).item()), rtol=1e-6)
     assert sorted(p.name for p, _ in data.failed) == ['corrupt.wav', 'empty.wav', 'short.wav']
     assert len(data.encoded) == 4
-    with pytest.raises(ValueError, match='not both'):
-        encode_files(tiny_ckpt, audio_dir, tmp_path / 'x', norm_stats=(0.0, 1.0), dataset_norm=True)
+    mean, std = data.norm_stats
+    expected = rt.encode_lms((lms - mean) / std).mean(dim=1)[0]
+    np.testing.assert_allclose(np.load(tmp_path / 'data' / 'a' / 'tone16k.npy'), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(UsageError, match='input not found'):
         encode_files(tiny_ckpt, tmp_path / 'nowhere', tmp_path / 'x')
 
@@ -139,11 +144,12 @@ def test_command_line(tiny_ckpt, audio_dir, tmp_path, capsys):
 def test_module_entry_point_and_usage_errors(capsys):
     done = subprocess.run([sys.executable, '-m', 'm2d', 'encode', '--help'], capture_output=True, text=True)
     assert done.returncode == 0 and 'usage: m2d encode' in done.stdout and '--dataset_norm' in done.stdout
-    for argv in ([], ['nope'], ['encode', 'only_weights']):
+    for argv, prog in (([], 'm2d'), (['nope'], 'm2d'), (['encode', 'only_weights'], 'm2d encode')):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
-    assert 'usage: m2d' in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.startswith('error: ') and err.endswith(f' (see {prog} --help)\n') and err.count('\n') == 1
 
 
 def test_weight_and_output_problems_are_one_line_errors(tiny_ckpt, audio_dir, tmp_path, capsys):

@@ -31,7 +31,8 @@ KINDS = ('tone', 'clicks', 'noise_burst', 'chirp')
 @pytest.fixture(scope='module')
 def task_csv(tmp_path_factory) -> Path:
     """4 classes x (4 train, 2 valid, 2 test) clips of 1 s."""
-    return write_labelled_task(tmp_path_factory.mktemp('task') / 'small', n_per_class=(4, 2, 2), seconds=1.0, kinds=KINDS)
+    return write_labelled_task(tmp_path_factory.mktemp('task') / 'small', n_per_class=(4, 2, 2), seconds=1.0,
+                               kinds=KINDS)
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +89,8 @@ def test_mean_std_pooling(tiny_ckpt, task_csv, tmp_path, one_thread):
     assert (mean_std[:, mean.shape[1]:] > 0).all()
     row = linear_evaluation(tiny_ckpt, str(task_csv), results=tmp_path / 'scores.csv', pooling='mean+std')
     assert row['cached'] and row['options'].endswith('pooling=mean+std')
-    main(['lineareval', str(tiny_ckpt), str(task_csv), '--results', str(tmp_path / 'scores.csv'), '--pooling', 'mean+std'])
+    main(['lineareval', str(tiny_ckpt), str(task_csv), '--results', str(tmp_path / 'scores.csv'),
+          '--pooling', 'mean+std'])
     assert pd.read_csv(tmp_path / 'scores.csv').options.str.endswith('pooling=mean+std').all()
 
 
@@ -214,7 +216,8 @@ def test_summary_table_and_cli(tmp_path, capsys):
     assert table.loc['other-80x208p16x16-x/checkpoint-1', 'cremad'] == 50.0  # fine-tuning rows kept apart
     main(['summary', str(results)])
     out = capsys.readouterr().out
-    assert '| weight | esc50 | cremad | demo |' in out and '| m2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300 | 89.8% |  | 75.0% |' in out
+    assert '| weight | esc50 | cremad | demo |' in out
+    assert '| m2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300 | 89.8% |  | 75.0% |' in out
     assert (tmp_path / 'summary.csv').is_file() and (tmp_path / 'summary.md').read_text().strip() == out.strip()
     assert '90.0%' in write_summary(results, mode='finetune')
 
@@ -225,24 +228,28 @@ def test_suite_runs_evar_when_evar_root_is_set(tiny_ckpt, tmp_path):
     log = tmp_path / 'calls.txt'
     for script in ('lineareval.py', 'summarize.py'):
         (evar / script).write_text(f'import sys\nopen({str(log)!r}, "a").write(" ".join(sys.argv) + "\\n")\n')
-    run_suite(tiny_ckpt, 'all', tasks=['cremad', 'esc50'], results=tmp_path / 'scores.csv', evar_root=str(evar))
+    run_suite(tiny_ckpt, 'all', tasks=['cremad', 'esc50'], results=tmp_path / 'scores.csv', evar_checkout=str(evar))
     assert log.read_text().splitlines() == [f'lineareval.py config/m2d.yaml cremad weight_file={tiny_ckpt}',
                                             f'lineareval.py config/m2d.yaml esc50 weight_file={tiny_ckpt}',
                                             f'summarize.py {tiny_ckpt}']
 
 
 def test_shell_scripts_run_the_suite(tiny_ckpt, task_csv, tmp_path, cache):
+    """Both scripts run `m2d eval suite` in the caller's folder: results go to its ./results (or --results)."""
     env = {**os.environ, 'M2D_PYTHON': sys.executable, 'M2D_EVAL_CACHE': str(cache), 'OMP_NUM_THREADS': '1'}
-    env.pop('M2D_EVAL_DATA', None)
-    env.pop('EVAR_ROOT', None)
-    results = tmp_path / 'scores.csv'
-    for script, tasks in (('quick_eval.sh', [str(task_csv)]), ('all_eval.sh', [str(task_csv), 'esc50'])):
-        done = subprocess.run(['bash', str(REPO / script), str(tiny_ckpt), '--tasks', *tasks, '--results', str(results)],
+    for name in ('M2D_EVAL_DATA', 'EVAR_ROOT', 'M2D_EVAL_RESULTS'):
+        env.pop(name, None)
+    given = tmp_path / 'scores.csv'
+    for script, options in (('quick_eval.sh', ['--tasks', str(task_csv), '--results', str(given)]),
+                            ('all_eval.sh', ['--tasks', str(task_csv), 'esc50'])):
+        done = subprocess.run(['bash', str(REPO / script), str(tiny_ckpt), *options],
                               cwd=tmp_path, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         assert '| weight | small |' in done.stdout
     assert 'Skipped (data not found): esc50' in done.stdout
-    assert pd.read_csv(results).task.tolist() == ['small', 'small']
+    in_the_callers_folder = tmp_path / 'results' / 'scores.csv'
+    assert pd.read_csv(given).task.tolist() == pd.read_csv(in_the_callers_folder).task.tolist() == ['small']
+    assert (tmp_path / 'results' / 'summary.md').is_file()
 
 
 # ----- bad input: a clear error before any encoding (the weight below does not even exist) -----
@@ -258,7 +265,8 @@ def _variant(task_csv: Path, tmp_path: Path, edit) -> str:
     (lambda df: df.assign(file_name=df.file_name.where(df.index > 1, 'gone/nothing.wav')),
      r'2 of 32 listed audio files are missing(.|\n)*gone/nothing.wav'),
     (lambda df: df[df.split != 'valid'], 'split valid has no samples'),
-    (lambda df: df.assign(label=df.label.where(df.split != 'test', 'unseen')), r"split test has labels that no training sample has: \['unseen'\]"),
+    (lambda df: df.assign(label=df.label.where(df.split != 'test', 'unseen')),
+     r"split test has labels that no training sample has: \['unseen'\]"),
     (lambda df: df.assign(label='tone'), 'only one class'),
     (lambda df: df.drop(columns='split'), 'needs columns file_name, label and split'),
     (lambda df: df.drop(columns='split').assign(fold=1), 'single fold'),
@@ -271,13 +279,13 @@ def _variant(task_csv: Path, tmp_path: Path, edit) -> str:
     (lambda df: df.assign(label=df.label.where(df.index != 0, 'nan')), r'1 rows .* empty or NaN label: line 2 '),
     (lambda df: df.assign(label=df.label.where(df.index != 0, 'tone,NaN')), r'1 rows .* empty or NaN label: line 2 '),
     (lambda df: df.assign(file_name=df.file_name.where(df.index != 4, '../../etc/passwd')),
-     r'1 file names point outside --audio_root \(absolute or with \.\.\): line 6: \.\./\.\./etc/passwd'),
+     r'1 file names point outside --data_path \(absolute or with \.\.\): line 6: \.\./\.\./etc/passwd'),
     (lambda df: df.assign(file_name=df.file_name.where(df.index != 0, '/abs/x.wav')), r'line 2: /abs/x.wav'),
 ])
 def test_bad_task_input_fails_before_encoding(task_csv, tmp_path, edit, message):
     path = _variant(task_csv, tmp_path, edit)
     with pytest.raises(TaskError, match=message):
-        linear_evaluation(tmp_path / 'no-such-weight.pth', path, audio_root=str(task_csv.parent / 'audio'), results=None)
+        linear_evaluation(tmp_path / 'no-such-weight.pth', path, data_path=str(task_csv.parent / 'audio'), results=None)
 
 
 def test_bad_options_and_an_empty_fold_are_one_line_errors_with_nothing_appended(tiny_ckpt, task_csv, tmp_path, capsys):
@@ -287,13 +295,18 @@ def test_bad_options_and_an_empty_fold_are_one_line_errors_with_nothing_appended
     folds = str(write_labelled_task(tmp_path / 'f', n_per_class=(2, 1, 0), seconds=0.5, kinds=KINDS, folds=3))
     ckpt, task = str(tiny_ckpt), str(task_csv)
     for argv, message in [
-        (['lineareval', ckpt, task, '--batch_size', '0'], re.escape('lineareval: --batch_size must be at least 1, got 0')),
-        (['suite', ckpt, '--tasks', task, '--batch_size', '-4'], re.escape('suite: --batch_size must be at least 1, got -4')),
+        (['lineareval', ckpt, task, '--batch_size', '0'],
+         re.escape('lineareval: --batch_size must be at least 1, got 0')),
+        (['suite', ckpt, '--tasks', task, '--batch_size', '-4'],
+         re.escape('suite: --batch_size must be at least 1, got -4')),
         (['lineareval', ckpt, task, '--epochs', '0'], re.escape('lineareval: --epochs must be at least 1, got 0')),
-        (['finetune', ckpt, task, '--num_workers', '-1'], re.escape('finetune: --num_workers must be 0 or more, got -1')),
+        (['finetune', ckpt, task, '--num_workers', '-1'],
+         re.escape('finetune: --num_workers must be 0 or more, got -1')),
         (['finetune', ckpt, task, '--fold', '0'], re.escape('finetune: --fold must be at least 1, got 0')),
-        (['lineareval', ckpt, task, '--duration', '0'], re.escape('lineareval: --duration must be above 0 seconds, got 0.0')),
-        (['finetune', ckpt, folds, '--fold', '4'], re.escape("finetune: no fold 4 in task 'f': its 3 folds are numbered 1 to 3")),
+        (['lineareval', ckpt, task, '--clip_seconds', '0'],
+         re.escape('lineareval: --clip_seconds must be above 0 seconds, got 0.0')),
+        (['finetune', ckpt, folds, '--fold', '4'],
+         re.escape("finetune: no fold 4 in task 'f': its 3 folds are numbered 1 to 3")),
         (['lineareval', ckpt, empty_fold, '--audio_root', str(task_csv.parent / 'audio')],
          rf"lineareval: task 'bad': 1 rows of {re.escape(empty_fold)} have an empty fold: line 5 \(train/\w+\.wav\); "
          'give every row a fold number'),

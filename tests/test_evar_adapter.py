@@ -141,5 +141,6 @@ def test_crafted_weight_file_is_refused(evar, tiny_ckpt, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match='trust_checkpoint=True'):
         evar.AR_M2D(make_cfg(evar, path))
     assert not marker.exists()
-    dated = resave(tiny_ckpt, tmp_path / 'dated' / tiny_ckpt.parent.name / 'checkpoint-1.pth', saved_on=datetime.date.today())
+    dated = resave(tiny_ckpt, tmp_path / 'dated' / tiny_ckpt.parent.name / 'checkpoint-1.pth',
+                   saved_on=datetime.date.today())
     assert evar.AR_M2D(make_cfg(evar, dated, trust_checkpoint=True)).cfg.feature_d == 960

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 # EVAR HEAD's config/m2d.yaml settings (m2d_clap.yaml: AR_M2D_CLAP, flat_features True, no mean/std),
 # plus what EVAR's make_cfg adds.
-HEAD_CONFIG = dict(audio_repr='ar_m2d.AR_M2D', weight_file='m2d_vit_base-80x208p16x16p16k-random/random', feature_d=3840,
-                   sample_rate=16000, n_fft=400, window_size=400, hop_size=160, n_mels=80, f_min=50, f_max=8000,
-                   window='hanning', mean=-7.1, std=4.2, output_layers=[-1], encoder_only=True, dur_frames=None,
-                   freeze_embed=None, flat_features=False, batch_size=128, training_mask=0.0,
+HEAD_CONFIG = dict(audio_repr='ar_m2d.AR_M2D', weight_file='m2d_vit_base-80x208p16x16p16k-random/random',
+                   feature_d=3840, sample_rate=16000, n_fft=400, window_size=400, hop_size=160, n_mels=80, f_min=50,
+                   f_max=8000, window='hanning', mean=-7.1, std=4.2, output_layers=[-1], encoder_only=True,
+                   dur_frames=None, freeze_embed=None, flat_features=False, batch_size=128, training_mask=0.0,
                    task_name='cremad', return_filename=False, unit_samples=40000)
 
 

@@ -61,7 +61,8 @@ def test_the_official_hear_validator_passes(tiny_ckpt, tmp_path):
     assert importlib.util.find_spec('hearvalidator'), 'hearvalidator is not installed: run bash install.sh'
     (tmp_path / 'tensorflow.py').write_text('class Module: pass\nclass Tensor: pass\nclass Variable: pass\n')
     path = os.pathsep.join(filter(None, [str(tmp_path), str(REPO), os.environ.get('PYTHONPATH')]))
-    done = subprocess.run([sys.executable, '-m', 'hearvalidator.validate', 'm2d.hear', '-m', str(tiny_ckpt), '-d', 'cpu'],
+    validate = [sys.executable, '-m', 'hearvalidator.validate', 'm2d.hear', '-m', str(tiny_ckpt), '-d', 'cpu']
+    done = subprocess.run(validate,
                           env={**os.environ, 'PYTHONPATH': path, 'OMP_NUM_THREADS': '1'}, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -26,7 +26,8 @@ def saved(tmp_path_factory):
 def outputs(runtime: RuntimeM2D, layout) -> dict[str, torch.Tensor]:
     audio = layout.audio()
     with torch.inference_mode():
-        out = {'encode': lambda: runtime.encode(audio)[..., ::SUBSAMPLE], 'logits': lambda: runtime(audio)[..., ::SUBSAMPLE],
+        out = {'encode': lambda: runtime.encode(audio)[..., ::SUBSAMPLE],
+               'logits': lambda: runtime(audio)[..., ::SUBSAMPLE],
                'clap_audio': lambda: runtime.encode_clap_audio(audio)}
         return {name: out[name]() for name in layout.outputs}
 
@@ -177,7 +178,8 @@ def test_unused_heads_are_reported_and_unknown_keys_fail(tiny_ckpt, tmp_path, ca
     torch.save(ckpt, path)
     runtime = RuntimeM2D(weight_file=str(path))
     assert runtime.spec.extra_parts == ['offline_predictor']
-    assert 'offline_predictor (the M2D-X/AS/S offline-target predictor (pre-training only)); not used here' in caplog.text
+    assert ('offline_predictor (the M2D-X/AS/S offline-target predictor (pre-training only)); not used here'
+            in caplog.text)
     ckpt['model']['mystery.weight'] = torch.zeros(3)
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match=r'unexpected keys \(1\): mystery.weight'):

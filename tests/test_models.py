@@ -144,7 +144,8 @@ def test_m2d_losses(name, loss_type, norm_pix_loss):
         loss, pred, _ = model(x, (ids_restore, len_keep))
         target = _masked_target(model, x, ids_restore, len_keep, all_tokens=isinstance(model, M2D_D2ViT))
     if norm_pix_loss:
-        target = (target - target.mean(-1, keepdim=True)) / torch.sqrt(target.var(-1, unbiased=True, keepdim=True) + 1e-6)
+        std = torch.sqrt(target.var(-1, unbiased=True, keepdim=True) + 1e-6)
+        target = (target - target.mean(-1, keepdim=True)) / std
     if loss_type == 'norm_mse':
         expected = (2 - 2 * F.cosine_similarity(pred, target, dim=-1, eps=1e-12)).mean()
     else:

@@ -18,11 +18,12 @@ import torch
 from conftest import FullDisk, make_checkpoint, make_lms_dataset, press_ctrl_c, start_as_in_a_terminal
 
 from m2d.checkpoint import load_checkpoint, save_checkpoint
+from m2d.cli.train import cli
 from m2d.model.vit import M2DViT
 from m2d.runtime.runtime import RuntimeM2D
 from m2d.train.config import build_model, get_args_parser
 from m2d.train.engine import Precision, Schedule, optimizer_step, train_one_epoch
-from m2d.train.main import build_optimizer, cli, main
+from m2d.train.main import build_optimizer, main
 from util.schedules import cosine_lr, ema_decay, scaled_lr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -434,7 +435,8 @@ def test_defaults_fit_a_small_dataset_on_a_laptop(lms_data, tmp_path, monkeypatc
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     before = torch.get_num_threads()
     try:
-        argv = drop_flags(tiny_argv(lms_data, tmp_path / 'run'), '--batch_size', '--num_workers', '--device', '--threads')
+        argv = drop_flags(tiny_argv(lms_data, tmp_path / 'run'),
+                          '--batch_size', '--num_workers', '--device', '--threads')
         assert '--batch_size' not in argv and '--device' not in argv
         result = run([*argv, '--epochs', '1', '--depth', '1'])
         args = load_checkpoint(result.last_checkpoint)['args']
@@ -514,7 +516,8 @@ def test_init_from_starts_a_new_run_from_the_weights(lms_data, tmp_path, capsys,
 
     def further(init: Path, out: str, *extra: str) -> dict:
         from m2d.train.config import parse_args
-        result = main(parse_args(['--init_from', str(init), *data, *frozen, '--output_dir', str(tmp_path / out), *extra]))
+        argv = ['--init_from', str(init), *data, *frozen, '--output_dir', str(tmp_path / out), *extra]
+        result = main(parse_args(argv))
         return load_checkpoint(result.last_checkpoint)
 
     full = further(first, 'full')
@@ -529,7 +532,8 @@ def test_init_from_starts_a_new_run_from_the_weights(lms_data, tmp_path, capsys,
     torch.save({k: v for k, v in start.items() if not k.startswith(('decoder', 'target', 'mask_token'))}, encoder_only)
     enc = further(encoder_only, 'enc', '--input_size', '80x64')  # another crop length: position tables are rebuilt
     assert enc['args'].input_size == [80, 64] and enc['model']['pos_embed'].shape[1] == 1 + 5 * 4
-    assert all(torch.equal(enc['model'][k], start[k]) for k in start if k.startswith(('blocks.', 'norm.', 'patch_embed')))
+    encoder = [k for k in start if k.startswith(('blocks.', 'norm.', 'patch_embed'))]
+    assert all(torch.equal(enc['model'][k], start[k]) for k in encoder)
     assert all(torch.equal(enc['model']['target_' + k], start[k]) for k in start if k.startswith(('blocks.', 'norm.')))
     assert not torch.equal(enc['model']['decoder_embed.weight'], start['decoder_embed.weight'])
     assert 'predictor fresh, target a copy of the encoder' in capsys.readouterr().out

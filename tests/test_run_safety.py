@@ -15,9 +15,9 @@ import torch
 from conftest import make_checkpoint
 
 from m2d.checkpoint import load_checkpoint
+from m2d.cli.train import cli
 from m2d.errors import CheckpointError
 from m2d.runtime.runtime import RuntimeM2D
-from m2d.train.main import cli
 from m2d.train.run_folder import run_lock
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,14 +5,13 @@ Commands are registered in COMMANDS as name -> (module, one-line help). A comman
 Modules are imported only when their command runs (or for --help), so new commands cost nothing.
 The published scripts (wav_to_lms.py, train_audio.py, python -m m2d.eval, python -m m2d.tools.demo) run the
 same modules. Exit status: 0 done, 1 nothing produced (e.g. every input failed), 2 bad arguments or
-data, 130 interrupted (Ctrl-C).
+data, 130 interrupted (Ctrl-C). docs/command-line.md describes the commands and their shared options.
 """
-import argparse
 import importlib
 import sys
 from typing import Optional
 
-from m2d.cli.common import HelpFormatter, run_tool
+from m2d.cli.common import ArgumentParser, run_tool
 
 COMMANDS = {
     'wav2lms': ('m2d.tools.wav_to_lms', 'convert audio files to log-mel spectrogram .npy files for pre-training '
@@ -25,8 +24,7 @@ COMMANDS = {
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='m2d', description=__doc__.split('\n\n')[0],
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog='m2d', description=__doc__.split('\n\n')[0])
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for name, (_, help_text) in COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)

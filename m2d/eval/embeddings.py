@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from m2d.audio.io import load_audio
 from m2d.audio.lms import RunningMeanStd
+from m2d.device import resolve_device
 from m2d.errors import OutputError, UsageError
 from m2d.eval.tasks import TaskData
 from m2d.runtime.runtime import RuntimeM2D
@@ -35,12 +36,13 @@ def check_weight(weight: Union[str, Path], model: str = '', input_size=None) -> 
     """A checkpoint file that exists, or 'random' with the model and input size to build."""
     if str(weight) == 'random':
         if not (model and input_size):
-            raise UsageError("weight 'random' needs --model and --input_size, e.g. --model m2d_vit_base --input_size 80x608")
+            raise UsageError("weight 'random' needs --model and --input_size, "
+                             'e.g. --model m2d_vit_base --input_size 80x608')
     elif not Path(weight).is_file():
         raise UsageError(f'weight file not found: {weight}')
 
 
-def make_runtime(weight: Union[str, Path], device: Optional[Union[str, torch.device]] = None, seed: int = 0,
+def make_runtime(weight: Union[str, Path], device: Optional[Union[str, torch.device]] = 'auto', seed: int = 0,
                  model: str = '', input_size=None, patch_size=None, **settings) -> RuntimeM2D:
     """RuntimeM2D for a checkpoint path, or for 'random' weights of `model` (seeded) at input_size/patch_size."""
     check_weight(weight, model, input_size)
@@ -50,8 +52,7 @@ def make_runtime(weight: Union[str, Path], device: Optional[Union[str, torch.dev
     torch.manual_seed(seed)
     runtime = RuntimeM2D(weight_file=weight, model=model, input_size=input_size or None,
                          patch_size=patch_size or None, **settings)
-    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    return runtime.to(device)
+    return runtime.to(device if isinstance(device, torch.device) else resolve_device(device))
 
 
 def check_layers(runtime: RuntimeM2D, output_layers: Sequence[int]) -> list[int]:
@@ -59,12 +60,14 @@ def check_layers(runtime: RuntimeM2D, output_layers: Sequence[int]) -> list[int]
     layers = [int(i) for i in output_layers]
     bad = [i for i in layers if not -depth <= i < depth]
     if not layers or bad:
-        raise UsageError(f'output_layers {layers}: the model has {depth} blocks; use indices in [-{depth}, {depth - 1}]')
+        raise UsageError(f'output_layers {layers}: the model has {depth} blocks; '
+                         f'use indices in [-{depth}, {depth - 1}]')
     return layers
 
 
 def layer_features(runtime: RuntimeM2D, lms: torch.Tensor, output_layers: Sequence[int] = (-1,)) -> torch.Tensor:
-    """Normalised LMS [B, 1, F, T] -> frame features of the chosen blocks, concatenated: [B, T', D' * len(output_layers)].
+    """Normalised LMS [B, 1, F, T] -> frame features of the chosen blocks, concatenated:
+    [B, T', D' * len(output_layers)].
 
     [-1] is the final output (after the last norm); other indices are block outputs (see encode_lms).
     """
@@ -163,14 +166,14 @@ def _file_id(path: Union[str, Path]) -> list:
 
 def cache_key(weight: str, task: TaskData, options: dict) -> str:
     weight_id = ['random'] if str(weight) == 'random' else _file_id(weight)
-    ident = dict(weight=weight_id, metadata=_file_id(task.spec.metadata), audio_root=str(task.spec.audio_root.resolve()),
-                 seconds=task.spec.seconds, **options)
+    ident = dict(weight=weight_id, metadata=_file_id(task.spec.metadata),
+                 audio_root=str(task.spec.audio_root.resolve()), seconds=task.spec.seconds, **options)
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def task_embeddings(weight: Union[str, Path], task: TaskData, output_layers: Sequence[int] = (-1,),
                     dataset_norm: bool = True, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-                    device: Optional[str] = None, cache_dir: Optional[Union[str, Path]] = None,
+                    device: Optional[str] = 'auto', cache_dir: Optional[Union[str, Path]] = None,
                     runtime_settings: Optional[dict] = None, pooling: str = 'mean') -> tuple[np.ndarray, bool]:
     """Embeddings [N, D'] of every clip of a task (metadata order) and whether they came from the cache.
 

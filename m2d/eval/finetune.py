@@ -2,7 +2,7 @@
 
 Defaults are those of for_evar/m2d.yaml (ft_lr 2.0, ft_bs 128, ft_epochs 200, warmup 5, mixup 0.5,
 freq/time masks 30/192, RRC on); the published per-task command lines override some of them, e.g.
-    python -m m2d.eval finetune WEIGHT esc50 --lr 0.5 --freq_mask 0 --time_mask 0 --training_mask 0.5 --mixup 0.0 --rrc True
+    m2d eval finetune WEIGHT_FILE esc50 --lr 0.5 --freq_mask 0 --time_mask 0 --training_mask 0.5 --mixup 0.0 --rrc True
 """
 import copy
 import math
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from m2d.errors import UsageError
+from m2d.eval import EARLIER_KEYWORDS, renamed_keywords
 from m2d.eval.augment import augment_lms, mixup, one_hot
 from m2d.eval.embeddings import ClipDataset, clip_loader, make_runtime, norm_stats, normalize
 from m2d.eval.linear_probe import score
@@ -43,7 +44,8 @@ class FinetuneConfig:
 
 
 class FinetuneModel(nn.Module):
-    """Audio [B, S] -> LMS normalised with dataset stats -> (augmented in training) -> M2D -> mean -> Linear -> logits [B, C].
+    """Audio [B, S] -> LMS normalised with dataset stats -> (augmented in training) -> M2D -> mean -> Linear
+    -> logits [B, C].
 
     bf16: run the encoder and head under bfloat16 autocast (the log-mel front end stays float32).
     """
@@ -53,7 +55,8 @@ class FinetuneModel(nn.Module):
         super().__init__()
         self.runtime, self.stats, self.cfg, self.bf16 = runtime, stats, cfg, bf16
         self.head = nn.Linear(runtime.cfg.feature_d, n_classes)
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # a near-zero head keeps early gradients for the encoder small
+        # A near-zero head keeps early gradients for the encoder small.
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
@@ -98,18 +101,21 @@ def _loader(task: TaskData, rows: np.ndarray, batch_size: int, train: bool, num_
                                        drop_last=train, num_workers=num_workers)
 
 
-def finetune(weight: Union[str, Path], task: str, cfg: FinetuneConfig = FinetuneConfig(),
-             data_root: Optional[str] = None, audio_root: Optional[str] = None, seconds: Optional[float] = None,
+@renamed_keywords(**EARLIER_KEYWORDS)
+def finetune(weight_file: Union[str, Path], task: str, cfg: FinetuneConfig = FinetuneConfig(),
+             evar_root: Optional[str] = None, data_path: Optional[str] = None, clip_seconds: Optional[float] = None,
              fold: int = 1, results: Optional[Union[str, Path]] = DEFAULT_RESULTS, num_workers: int = 0,
-             device: Optional[str] = None, **runtime_settings) -> dict:
-    """Fine-tune `weight` on `task` (fold tasks: hold out `fold`); append the test score to `results` and return the row."""
+             device: Optional[str] = 'auto', **runtime_settings) -> dict:
+    """Fine-tune `weight_file` on `task` (fold tasks: hold out `fold`; see resolve_task for evar_root, data_path
+    and clip_seconds); append the test score to `results` and return the row."""
     started = time.time()
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UsageError(f'fine-tuning needs epochs >= 1 and batch_size >= 1 (got {cfg.epochs}, {cfg.batch_size})')
-    spec = resolve_task(task, data_root, audio_root, seconds)
+    spec = resolve_task(task, evar_root, data_path, clip_seconds)
     data = load_task(spec)
     index = data.indices(fold, seed=cfg.seed) if data.fold is not None else data.indices()
-    runtime = make_runtime(weight, device=device, seed=cfg.seed, training_mask=cfg.training_mask, **runtime_settings)
+    runtime = make_runtime(weight_file, device=device, seed=cfg.seed, training_mask=cfg.training_mask,
+                           **runtime_settings)
     torch.manual_seed(cfg.seed)
     sr = runtime.sample_rate  # the audio the model was trained on: 32 kHz for p32k weights
     stats = runtime.norm_stats or norm_stats(runtime, clip_loader([data.files[i] for i in index['train']], spec.seconds,
@@ -149,7 +155,7 @@ def finetune(weight: Union[str, Path], task: str, cfg: FinetuneConfig = Finetune
     options = ' '.join(f'{k}={v}' for k, v in asdict(cfg).items())
     if runtime_settings.get('norm_stats'):
         options += f' norm_stats={list(runtime_settings["norm_stats"])}'
-    row = dict(weight=str(weight), task=spec.name, metric='mAP' if data.multi_label else 'accuracy',
+    row = dict(weight=str(weight_file), task=spec.name, metric='mAP' if data.multi_label else 'accuracy',
                score=test_score, seconds=round(time.time() - started, 1), mode='finetune', options=options)
     if results is not None:
         row = append_result(results, **row)

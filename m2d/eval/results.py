@@ -34,7 +34,8 @@ def append_result(path: Union[str, Path], weight: str, task: str, metric: str, s
 
 
 def short_weight(weight: str) -> str:
-    """'/a/b/m2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300.pth' -> 'm2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300'."""
+    """'/a/b/m2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300.pth'
+    -> 'm2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300'."""
     path = Path(weight)
     return f'{path.parent.name}/{path.stem}' if path.parent.name else path.stem
 

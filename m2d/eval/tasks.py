@@ -3,7 +3,8 @@
 A task is a metadata CSV with `file_name` (relative to the task's audio folder), `label`
 (comma-separated for multi-label tasks) and either `split` (train/valid/test) or `fold` (1..K, each
 fold held out in turn as test). EVAR keeps them as `evar/metadata/<task>.csv` with 16 kHz audio in
-`work/16k/<task>/`; setting M2D_EVAL_DATA (or --data_root) to an EVAR checkout finds them there.
+`work/16k/<task>/`; setting --evar_root (or M2D_EVAL_DATA) to an EVAR checkout finds them there. A task
+given by its CSV has its audio below --data_path (the CSV's folder/audio, or the folder, by default).
 """
 import os
 import shutil
@@ -17,6 +18,7 @@ import pandas as pd
 import soundfile as sf
 
 from m2d.errors import TaskError
+from m2d.eval import EARLIER_KEYWORDS, renamed_keywords
 from m2d.filelist import check_relative, read_table
 
 DEMO_DIR_ENV = 'M2D_EVAL_DEMO'
@@ -53,7 +55,7 @@ def evar_spec(name: str, root: Optional[Union[str, Path]] = None) -> TaskSpec:
     """EVAR's layout below the data root: evar/metadata/<task>.csv and work/16k/<task>/."""
     base = evar_data_root(root)
     if base is None:
-        raise TaskError(f'task {name!r} is an EVAR task: set {DATA_ROOT_ENV} (or --data_root) to the EVAR folder '
+        raise TaskError(f'task {name!r} is an EVAR task: set {DATA_ROOT_ENV} (or --evar_root) to the EVAR folder '
                         f'holding evar/metadata/{name}.csv and work/16k/{name}/')
     return TaskSpec(name, base / 'evar' / 'metadata' / f'{name}.csv', base / 'work' / '16k' / name, EVAR_TASKS[name][1])
 
@@ -83,34 +85,37 @@ def demo_spec(root: Union[str, Path] = DEMO_DIR) -> TaskSpec:
     return TaskSpec('demo', root / 'metadata.csv', root / 'audio', DEMO_SECONDS)
 
 
-def csv_spec(path: Union[str, Path], audio_root: Optional[Union[str, Path]] = None,
-             seconds: Optional[float] = None) -> TaskSpec:
+def csv_spec(path: Union[str, Path], data_path: Optional[Union[str, Path]] = None,
+             clip_seconds: Optional[float] = None) -> TaskSpec:
     """A task given by its metadata CSV, named after the file (or its folder, for metadata.csv).
-    Audio defaults to the CSV's folder/audio (or the folder itself); the clip length to the longest listed file."""
+    data_path (the folder its file names start from) defaults to the CSV's folder/audio (or the folder itself);
+    the clip length to the longest listed file."""
     path = Path(path)
-    if audio_root is None:
-        audio_root = path.parent / 'audio' if (path.parent / 'audio').is_dir() else path.parent
+    if data_path is None:
+        data_path = path.parent / 'audio' if (path.parent / 'audio').is_dir() else path.parent
     name = path.parent.name if path.stem == 'metadata' else path.stem  # dst/metadata.csv (demo layout) -> dst
-    spec = TaskSpec(name, path, Path(audio_root), seconds or 0.0)
-    if not seconds:
+    spec = TaskSpec(name, path, Path(data_path), clip_seconds or 0.0)
+    if not clip_seconds:
         files = [spec.audio_root / f for f in read_metadata(spec).file_name]
         check_files(spec, files)
         spec = TaskSpec(spec.name, spec.metadata, spec.audio_root, max(sf.info(str(f)).duration for f in files))
     return spec
 
 
-def resolve_task(task: str, data_root: Optional[Union[str, Path]] = None, audio_root: Optional[str] = None,
-                 seconds: Optional[float] = None) -> TaskSpec:
-    """A task name ('demo' or an EVAR task) or a metadata CSV path -> TaskSpec."""
+@renamed_keywords(**EARLIER_KEYWORDS)
+def resolve_task(task: str, evar_root: Optional[Union[str, Path]] = None, data_path: Optional[str] = None,
+                 clip_seconds: Optional[float] = None) -> TaskSpec:
+    """A task name ('demo' or an EVAR task, found below `evar_root`) or a metadata CSV path -> TaskSpec.
+    data_path: the audio folder its file names start from; clip_seconds: the clip length (default: the task's)."""
     if task == 'demo':
         return demo_spec()
     if task in EVAR_TASKS:
-        spec = evar_spec(task, data_root)
-        return TaskSpec(spec.name, spec.metadata, Path(audio_root or spec.audio_root), seconds or spec.seconds)
+        spec = evar_spec(task, evar_root)
+        return TaskSpec(spec.name, spec.metadata, Path(data_path or spec.audio_root), clip_seconds or spec.seconds)
     if task.endswith('.csv') or Path(task).is_file():
         if not Path(task).is_file():
             raise TaskError(f'metadata file not found: {task}')
-        return csv_spec(task, audio_root, seconds)
+        return csv_spec(task, data_path, clip_seconds)
     raise TaskError(f'unknown task {task!r}; known tasks: demo, {", ".join(EVAR_TASKS)}, '
                     'or a path to an EVAR-format metadata CSV (file_name, label, split|fold)')
 
@@ -144,7 +149,7 @@ def read_metadata(spec: TaskSpec) -> pd.DataFrame:
         raise TaskError(f'task {spec.name!r}: {len(unnamed)} rows of {spec.metadata} have no file_name: '
                         f'{_rows(df, unnamed)}')
     try:
-        check_relative(df.file_name.astype(str).tolist(), list(range(2, len(df) + 2)), spec.metadata, '--audio_root')
+        check_relative(df.file_name.astype(str).tolist(), list(range(2, len(df) + 2)), spec.metadata, '--data_path')
     except ValueError as e:
         raise TaskError(f'task {spec.name!r}: {e}') from None
     return df
@@ -154,7 +159,8 @@ def check_files(spec: TaskSpec, files: list[Path]) -> None:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise TaskError(f'task {spec.name!r}: {len(missing)} of {len(files)} listed audio files are missing below '
-                        f'{spec.audio_root}:\n  ' + '\n  '.join(missing[:10]) + ('\n  ...' if len(missing) > 10 else ''))
+                        f'{spec.audio_root}:\n  ' + '\n  '.join(missing[:10])
+                        + ('\n  ...' if len(missing) > 10 else ''))
 
 
 @dataclass
@@ -193,8 +199,9 @@ def _check_labels(spec: TaskSpec, labels: list[list[str]], groups: np.ndarray, w
     for g in np.unique(groups):
         if what == 'split' and g == 'train':
             continue
-        seen = {l for ls, gg in zip(labels, groups) if (gg == 'train' if what == 'split' else gg != g) for l in ls}
-        unseen = sorted({l for ls, gg in zip(labels, groups) if gg == g for l in ls} - seen)
+        seen = {label for ls, gg in zip(labels, groups) if (gg == 'train' if what == 'split' else gg != g)
+                for label in ls}
+        unseen = sorted({label for ls, gg in zip(labels, groups) if gg == g for label in ls} - seen)
         if unseen:
             raise TaskError(f'task {spec.name!r}: {what} {g} has labels that no training sample has: '
                             f'{unseen[:10]}; a classifier cannot learn them. Fix the metadata split.')
@@ -204,13 +211,13 @@ def load_task(spec: TaskSpec, check_audio: bool = True) -> TaskData:
     """Read and validate a task: columns, splits/folds with samples, at least two classes, no test label
     absent from training, and (check_audio) every listed file present."""
     df = read_metadata(spec)
-    labels = [[] if pd.isna(v) else [l.strip() for l in v.split(',') if l.strip()] for v in df.label]
-    unlabelled = [i for i, ls in enumerate(labels) if not ls or any(l.lower() == 'nan' for l in ls)]
+    labels = [[] if pd.isna(v) else [label.strip() for label in v.split(',') if label.strip()] for v in df.label]
+    unlabelled = [i for i, ls in enumerate(labels) if not ls or any(label.lower() == 'nan' for label in ls)]
     if unlabelled:  # never a class called 'nan'
         raise TaskError(f'task {spec.name!r}: {len(unlabelled)} rows of {spec.metadata} have an empty or NaN label: '
                         f'{_rows(df, unlabelled)}; give every row a label, or remove the row')
     multi_label = any(len(ls) > 1 for ls in labels)
-    classes = sorted({l for ls in labels for l in ls})
+    classes = sorted({label for ls in labels for label in ls})
     if len(classes) < 2:
         raise TaskError(f'task {spec.name!r}: only one class ({classes}); a classifier needs at least two')
     column = 'split' if 'split' in df.columns else 'fold'
@@ -243,7 +250,7 @@ def load_task(spec: TaskSpec, check_audio: bool = True) -> TaskData:
     if multi_label:
         y = np.zeros((len(labels), len(classes)), dtype=np.float32)
         for row, ls in enumerate(labels):
-            y[row, [index[l] for l in ls]] = 1.0
+            y[row, [index[label] for label in ls]] = 1.0
     else:
         y = np.array([index[ls[0]] for ls in labels], dtype=np.int64)
     return TaskData(spec, files, y, classes, multi_label, split, fold)

@@ -120,7 +120,8 @@ def demo(args: argparse.Namespace) -> None:
     print(f'  pre-training run {run_dir} '
           '(checkpoint, log.txt, console.txt, TensorBoard, loss curve, mask pictures)')
     print(f'  demo task {out / "demo_task"}, scores {results}')
-    print(f'Linear-evaluation accuracy on the demo task (8 classes, chance 12.5%; {train.model}, {train.depth} blocks):')
+    print(f'Linear-evaluation accuracy on the demo task (8 classes, chance 12.5%; {train.model}, '
+          f'{train.depth} blocks):')
     print(f'  pre-trained M2D : {trained:.1f}%')
     print(f'  random weights  : {untrained:.1f}%')
 

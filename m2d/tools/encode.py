@@ -1,20 +1,23 @@
-"""Encode audio files into M2D embeddings saved as .npy files (`python -m m2d encode WEIGHTS INPUT OUT`).
+"""Encode audio files into M2D embeddings saved as .npy files (`m2d encode WEIGHT_FILE INPUT OUTPUT`).
 
 INPUT is one audio file or a folder searched recursively for .wav/.flac/.ogg files of any sample
 rate and channel count (mixed to mono and resampled to 16 kHz as the runtime expects). Input
-`INPUT/a/b.wav` is written to `OUT/a/b.npy` (a single input file to `OUT/<name>.npy`, or to OUT
-itself when it ends in .npy), as float32:
+`INPUT/a/b.wav` is written to `OUTPUT/a/b.npy` (a single input file to `OUTPUT/<name>.npy`, or to
+OUTPUT itself when it ends in .npy), as float32:
 - by default a clip embedding [D]: the time mean of the frame embeddings (get_scene_embeddings);
 - with --frames the frame embeddings [T, D], one per 160 ms (RuntimeM2D.encode).
 
-Normalisation of the log-mel spectrograms: by default the runtime's, i.e. the fixed statistics that
-later-format weights store, else (first-release weights) each clip with its own mean and std; so a
-file's embedding never depends on the other files or on the batch size (it equals
-`runtime.get_scene_embeddings(audio[None])`). --norm_stats "[MEAN, STD]" uses the given statistics and
---dataset_norm computes them over all the input files first (a pass that reads every file once).
+Normalisation of the log-mel spectrograms, as `m2d eval` (docs/command-line.md): by default
+(--dataset_norm) the mean and std over all the input files, computed first in a pass that reads every
+file once, as the published evaluation normalises a task's data; the summary prints them, so a later
+run on more files can reuse them with --norm_stats. Weights that store fixed statistics (later
+formats) use those instead, and --norm_stats "[MEAN, STD]" the given ones. --no_dataset_norm
+normalises each clip with its own mean and std (the first-release runtime's way): then a file's
+embedding equals `runtime.get_scene_embeddings(audio[None])` and never depends on the other files.
+An embedding never depends on the batch size.
 
 Files that cannot be read, are empty or truncated, longer than --max_seconds (by their header, so
-nothing is decoded), shorter than one patch (150 ms), or digital silence (under per-clip normalisation),
+nothing is decoded), shorter than one patch (150 ms), or digital silence (under --no_dataset_norm),
 and outputs that cannot be written, are listed at the end; the others are still encoded. Existing
 outputs are skipped unless --overwrite, so a run stopped by Ctrl-C continues where it stopped when
 run again. A missing or unusable weight file, an output folder that cannot be written, or a disk that
@@ -41,7 +44,13 @@ from m2d.audio.io import (
     load_audio,
 )
 from m2d.audio.lms import RunningMeanStd
-from m2d.cli.common import add_norm_stats_argument, describe_interrupt
+from m2d.cli.common import (
+    add_device_argument,
+    add_model_arguments,
+    add_normalisation_arguments,
+    describe_interrupt,
+)
+from m2d.device import resolve_device
 from m2d.errors import AudioReadError, Interrupted, M2DError, OutputError, UsageError, write_error_reason
 from m2d.outputs import DISK_WIDE_ERRORS, check_writable
 from m2d.runtime.runtime import RuntimeM2D
@@ -106,7 +115,7 @@ class _Encoder:
                 return self.runtime.normalize_batch(lms)
             except ValueError:
                 raise ValueError('digital silence: per-clip normalisation is undefined; '
-                                 'use --norm_stats MEAN STD or --dataset_norm') from None
+                                 'leave out --no_dataset_norm, or give --norm_stats MEAN STD') from None
         mean, std = self.norm_stats
         return (lms - mean) / std
 
@@ -132,34 +141,34 @@ class _Encoder:
 
 
 def dataset_norm_stats(encoder: _Encoder, files: list[Path], report: EncodeReport,
-                       progress: bool = True) -> tuple[float, float]:
-    """Mean and std over every LMS value of every readable file (as EVAR's precompute does)."""
+                       progress: bool = True) -> Optional[tuple[float, float]]:
+    """Mean and std over every LMS value of every readable file (as EVAR's precompute does); the others go
+    to report.failed. None when no file is readable."""
     stats = RunningMeanStd()
     for path in tqdm(files, desc='norm stats', unit='file', disable=not progress):
         try:
             stats.add(encoder.lms(path))
         except (AudioReadError, ValueError) as e:
             report.failed.append((path, str(e).removeprefix(f'{path}: ')))
-    if not stats.count:
-        raise UsageError('no readable audio to compute normalisation statistics from')
-    return stats.mean, stats.std
+    return (stats.mean, stats.std) if stats.count else None
 
 
 def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], output_path: Union[str, Path],
-                 frames: bool = False, norm_stats: Optional[tuple[float, float]] = None, dataset_norm: bool = False,
-                 device: Optional[str] = None, batch_size: int = 16, overwrite: bool = False,
+                 frames: bool = False, norm_stats: Optional[tuple[float, float]] = None, dataset_norm: bool = True,
+                 device: Optional[str] = 'auto', batch_size: int = 16, overwrite: bool = False,
                  progress: bool = True, max_seconds: float = MAX_SECONDS, **settings: Any) -> EncodeReport:
     """Encode an audio file or a folder of them into .npy embeddings (see the module docstring).
 
-    settings: RuntimeM2D settings, e.g. model, input_size, patch_size for a folder not named like
-    the published ones. Files longer than `max_seconds` (by their header) fail without being read, as
-    does an output that cannot be written. Returns an EncodeReport. Raises ValueError (UsageError) for
-    bad arguments, an unusable weight file, an output folder that cannot be written, or a disk that
-    fills up or turns read-only (OutputError, saying how many files were encoded), FileNotFoundError
-    for a missing input, and Interrupted on Ctrl-C (saying how many files were encoded).
+    Normalisation: `norm_stats` (mean, std) when given, else the statistics the weights store (later
+    formats), else with dataset_norm those of all the input files (report.norm_stats), else each clip's own.
+    device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', ... settings: RuntimeM2D settings, e.g.
+    model, input_size, patch_size for a folder not named like the published ones. Files longer than
+    `max_seconds` (by their header) fail without being read, as does an output that cannot be written.
+    Returns an EncodeReport. Raises ValueError (UsageError) for bad arguments, an unusable weight file, an
+    output folder that cannot be written, or a disk that fills up or turns read-only (OutputError, saying
+    how many files were encoded), FileNotFoundError for a missing input, and Interrupted on Ctrl-C (saying
+    how many files were encoded).
     """
-    if norm_stats is not None and dataset_norm:
-        raise UsageError('give either norm_stats or dataset_norm, not both')
     if norm_stats is not None and not (len(norm_stats) == 2 and all(map(math.isfinite, norm_stats))
                                        and float(norm_stats[1]) > 0):
         raise UsageError(f'norm_stats must be finite (mean, std) with std > 0, got {norm_stats}')
@@ -189,7 +198,7 @@ def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], ou
     if not todo:
         return report
 
-    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = resolve_device(device)
     try:
         runtime = RuntimeM2D(weight_file=str(weight_file), **settings)
     except M2DError as e:  # the checkpoint errors name the file; others get it added
@@ -199,8 +208,10 @@ def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], ou
     encoder = _Encoder(runtime, None if norm_stats is None else (float(norm_stats[0]), float(norm_stats[1])),
                        max_seconds)
     try:
-        if dataset_norm:
+        if dataset_norm and encoder.norm_stats is None and runtime.norm_stats is None:
             encoder.norm_stats = report.norm_stats = dataset_norm_stats(encoder, [s for s, _ in jobs], report, progress)
+            if encoder.norm_stats is None:  # no file is readable: each one is in report.failed
+                return report
         already_failed = {path for path, _ in report.failed}
         todo = sorted((job for job in todo if job[0] not in already_failed), key=lambda job: _duration(job[0]))
         _encode_all(encoder, todo, frames, batch_size, report, progress)
@@ -236,32 +247,27 @@ def _encode_all(encoder: _Encoder, todo: list[tuple[Path, Path]], frames: bool, 
 # ----- command line -------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('weights', help='checkpoint, e.g. m2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300.pth')
-    parser.add_argument('input', help=f'an audio file, or a folder searched recursively for {"/".join(AUDIO_SUFFIXES)}')
-    parser.add_argument('output', help='output folder (or a .npy file for a single input file)')
+    parser.add_argument('weight_file', metavar='WEIGHT_FILE',
+                        help='checkpoint, e.g. m2d_vit_base-80x608p16x16-220930-mr7/checkpoint-300.pth')
+    parser.add_argument('input', metavar='INPUT',
+                        help=f'an audio file, or a folder searched recursively for {"/".join(AUDIO_SUFFIXES)}')
+    parser.add_argument('output', metavar='OUTPUT', help='output folder (or a .npy file for a single input file)')
     parser.add_argument('--frames', action='store_true', help='save frame embeddings [T, D] instead of clip ones [D]')
-    norm = parser.add_mutually_exclusive_group()
-    add_norm_stats_argument(norm, help='normalise the LMS with these statistics instead of per clip '
-                                       '(also: --norm_stats MEAN STD)')
-    norm.add_argument('--dataset_norm', action='store_true',
-                      help='compute the LMS mean and std over all input files first and normalise with them')
-    parser.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
+    add_normalisation_arguments(parser, data='all the input files (a first pass reads each once)', alone='each clip')
+    add_device_argument(parser)
     parser.add_argument('--batch_size', type=int, default=16, help='clips per batch (grouped by similar length)')
     parser.add_argument('--overwrite', action='store_true', help='re-encode files whose output exists')
     add_max_seconds_argument(parser)
-    parser.add_argument('--model', default='', help='model name, if the weight folder name does not tell it')
-    parser.add_argument('--input_size', default=None, help='model input FxT (e.g. 80x608), with --model')
-    parser.add_argument('--patch_size', default=None, help='patch size FxT (e.g. 16x16), with --model')
-    parser.add_argument('--trust_checkpoint', action='store_true',
-                        help='unpickle anything in the weight file (it could run code): only for files you trust')
+    add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """The `encode` command: prints a summary and returns 1 when no input has an embedding file."""
-    report = encode_files(args.weights, args.input, args.output, frames=args.frames, norm_stats=args.norm_stats,
+    report = encode_files(args.weight_file, args.input, args.output, frames=args.frames, norm_stats=args.norm_stats,
                           dataset_norm=args.dataset_norm, device=args.device, batch_size=args.batch_size,
                           overwrite=args.overwrite, max_seconds=args.max_seconds, model=args.model,
-                          input_size=args.input_size, patch_size=args.patch_size, trust_checkpoint=args.trust_checkpoint)
+                          input_size=args.input_size, patch_size=args.patch_size,
+                          trust_checkpoint=args.trust_checkpoint)
     if not (report.encoded or report.skipped or report.failed):
         print(f'no {"/".join(AUDIO_SUFFIXES)} files found in {args.input}')
         return 1

@@ -298,17 +298,19 @@ def main(src: str, dst: str, suffix: str = '.wav', workers: Optional[int] = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('src', help='source folder, searched recursively for --suffix files')
-    parser.add_argument('dst', help='destination folder: SRC/a/b.wav becomes DST/a/b.npy')
+    parser.add_argument('src', metavar='SRC', help='source folder, searched recursively for --suffix files')
+    parser.add_argument('dst', metavar='DST', help='destination folder: SRC/a/b.wav becomes DST/a/b.npy')
     parser.add_argument('--suffix', default='.wav', help='ending of the files to convert (case-sensitive)')
     parser.add_argument('--files', default=None,
                         help="convert only the files this list names (a CSV with a 'file_name' column, or one path "
-                             'per line), as paths relative to SRC; --suffix does not apply')
+                             'per line), as paths relative to SRC; --suffix does not apply (default: every --suffix '
+                             'file below SRC)')
     parser.add_argument('--workers', type=int, default=None, help='worker processes (default: all cores)')
     parser.add_argument('--csv', default=None,
                         help='also write the pre-training file list of every .npy below DST (DST must be inside '
-                             '--data_path)')
-    parser.add_argument('--data_path', default='data', help='the folder the --csv paths are relative to')
+                             '--data_path), for `m2d train --dataset CSV --data_path ...` (default: none, no list)')
+    parser.add_argument('--data_path', default='data',
+                        help="the data folder: --csv's paths are relative to it, as `m2d train --data_path` reads them")
     parser.add_argument('--min_length', type=float, default=0.0,
                         help='right-pad shorter audio with silence to this many seconds (the published script: 6.1)')
     parser.add_argument('--skip', type=int, default=0, help='leave out the first N source files (sorted)')

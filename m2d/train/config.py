@@ -22,7 +22,7 @@ from m2d.checkpoint import (
     saved_args,
     split_state,
 )
-from m2d.cli.common import HelpFormatter, add_norm_stats_argument, parse_norm_stats, parse_numbers
+from m2d.cli.common import ArgumentParser, add_device_argument, add_norm_stats_argument, parse_norm_stats, parse_numbers
 from m2d.errors import CheckpointError, M2DError, UsageError
 from m2d.model.vit import MODELS, MaskedAutoencoderViT, create_model
 from m2d.train.engine import AMP_DTYPES
@@ -73,8 +73,7 @@ def size_arg(text: str) -> list[int]:
 
 def get_args_parser(mae: bool = False) -> argparse.ArgumentParser:
     """The train_audio.py flags (published names and defaults); mae=True: mae_train_audio.py (MSM-MAE)."""
-    p = argparse.ArgumentParser('MSM-MAE pre-training' if mae else 'M2D pre-training', description=__doc__,
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser('mae_train_audio.py' if mae else 'train_audio.py', description=__doc__)
     add_arguments(p, mae)
     return p
 
@@ -84,7 +83,8 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
                    help='batch size per process (GPU); default 512, or fewer when the dataset has fewer files')
     p.add_argument('--epochs', default=300, type=int, help='length of the run (the lr and EMA schedules span it)')
     p.add_argument('--accum_iter', default=1, type=int, help='gradient accumulation steps per update')
-    p.add_argument('--eval_after', default=100, type=int, help='run quick_eval.sh on checkpoints from this epoch on')
+    p.add_argument('--eval_after', default=100, type=int,
+                   help='evaluate checkpoints from this epoch on (quick_eval.sh, or the built-in quick suite)')
     p.add_argument('--save_freq', default=100, type=int, help='save a checkpoint every N epochs (and at the end)')
     p.add_argument('--stop_at', default=-1, type=int, help='stop after this epoch, keeping the --epochs schedules '
                                                            '(-1: run all --epochs)')
@@ -103,10 +103,11 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     p.add_argument('--mask_span_share', default=1.0, type=float,
                    help='with --mask_span: the share of samples span-masked; the others are masked anywhere')
     if mae:
-        p.add_argument('--norm_pix_loss', action='store_true', help='per-patch normalised pixels as targets')
+        p.add_argument('--norm_pix_loss', action='store_true',
+                       help='per-patch normalised pixels as targets (without it: raw pixels)')
     else:
         p.add_argument('--no_norm_pix_loss', action='store_false', dest='norm_pix_loss',
-                       help='do not standardise the target representations')
+                       help='do not standardise the target representations (without it they are, as published)')
         p.add_argument('--ema_decay_init', default=0.99995, type=float, help='EMA decay of the target at the start')
         p.add_argument('--ema_decay', default=0.99999, type=float, help='EMA decay at the end (linear in between)')
         p.add_argument('--loss_fn', default='norm_mse', choices=['norm_mse', 'mse'],
@@ -132,7 +133,8 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     p.add_argument('--dataset', default='data/files_audioset.csv', type=str, help="CSV with a 'file_name' column")
     add_norm_stats_argument(p, help='mean and std of the LMS (default: measured on 10,000 random crops at start)')
     p.add_argument('--skip_missing', action='store_true',
-                   help='drop missing, corrupt or NaN/inf-holding files instead of failing')
+                   help='drop missing, corrupt or NaN/inf-holding files instead of failing (without it: fail, '
+                        'naming them)')
     p.add_argument('--noise_ratio', default=0.0, type=float,
                    help='mix each crop with a random background crop at this power share (0 = off; the later '
                         "M2D's background-noise mixing, a regulariser for small data)")
@@ -142,15 +144,16 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
                    help='DataLoader worker processes per training process (default: on CUDA 10, the published '
                         'value, or the cores each process has if fewer; on the CPU 0, loading in the training process)')
     p.add_argument('--pin_mem', action='store_true', help='pin CPU memory in the DataLoader (on by default)')
-    p.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
+    p.add_argument('--no_pin_mem', action='store_false', dest='pin_mem',
+                   help='do not pin CPU memory (without it: pinned)')
     p.set_defaults(pin_mem=True)
     # Run.
     p.add_argument('--output_dir', default='', type=str, help='run folder (default: named after the settings)')
     p.add_argument('--log_dir', default='', type=str, help='TensorBoard folder (default: the run folder)')
-    p.add_argument('--device', default='auto', type=str, help="'cuda', 'cpu', or 'auto': cuda if available, else cpu")
+    add_device_argument(p)
     p.add_argument('--threads', default=0, type=int,
-                   help='torch threads per process (0: torch\'s default when OMP_NUM_THREADS is set or on CUDA, '
-                        'else the cores that other processes leave idle)')
+                   help='torch threads per process; 0: torch\'s own number when OMP_NUM_THREADS is set or on '
+                        'CUDA, else the cores that other processes leave idle (default: 0)')
     p.add_argument('--seed', default=0, type=int, help='seed of the weights, data order, crops and masks')
     p.add_argument('--published_data', action='store_true',
                    help="the published code's data quirks, for comparison with its runs: on one process the "
@@ -160,20 +163,23 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     p.add_argument('--resume', default='', type=str,
                    help='checkpoint to continue from, in its own run folder; what it stores of the model and the '
                         'optimisation fills the flags not given (' + ', '.join(RESUMED_ARGS) + '); everything else '
-                        '(paths, data, devices, workers, evaluation) comes from the command line and the defaults')
+                        '(paths, data, devices, workers, evaluation) comes from the command line and the defaults '
+                        '(default: none, a new run)')
     p.add_argument('--overwrite', action='store_true',
                    help='start a new run in a folder that holds checkpoints of an earlier one (or resume from an '
-                        'earlier checkpoint than its latest): its files are moved into previous-<date>-<time>/')
+                        'earlier checkpoint than its latest): its files are moved into previous-<date>-<time>/ '
+                        '(without it: such a folder is refused)')
     p.add_argument('--trust_checkpoint', action='store_true',
-                   help='let --resume unpickle anything in the file (it could run code): only for files you trust')
+                   help='let --resume and --init_from unpickle anything in the file (it could run code): only for '
+                        'files you trust (without it: tensors and containers only)')
     p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set from the checkpoint on --resume)')
     p.add_argument('--init_from', default='', type=str,
                    help='start a new run from the weights of this checkpoint (further pre-training, e.g. released '
                         "weights on your own data): its model and sizes fill the flags not given, the optimizer "
-                        'and schedules start afresh')
-    p.add_argument('--preset', default='', choices=['', *PRESETS],
+                        'and schedules start afresh (default: none, random initial weights)')
+    p.add_argument('--preset', default='', choices=['', *PRESETS], metavar='{' + ','.join(PRESETS) + '}',
                    help='a recipe filling the flags not given: small = the small-data recipe of the README '
-                        '(bench/bench_learning.py)')
+                        "(bench/bench_learning.py) (default: none, every flag's own default)")
     p.add_argument('--eval_scripts', default='', type=str,
                    help='folder of quick_eval.sh / all_eval.sh (default: the folder of the training script)')
     # Distributed (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; these are kept for compatibility).

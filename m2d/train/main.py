@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from m2d.checkpoint import check_norm_stats, load_checkpoint, model_state, run_name, save_checkpoint, saved_args
-from m2d.cli.common import guarded
+from m2d.device import resolve_device
 from m2d.errors import CheckpointError, Interrupted, M2DError, NonFiniteLossError, OutputError, UsageError
 from m2d.outputs import check_writable, writing
 from m2d.train import hooks
@@ -37,7 +37,6 @@ from m2d.train.config import (
     PUBLISHED_NUM_WORKERS,
     TrainConfig,
     build_model,
-    parse_args,
     validate_args,
 )
 from m2d.train.console import ConsoleCopy, console_copy
@@ -71,18 +70,6 @@ class RunResult:
 
 
 # ----- settling the run ----------------------------------------------------------------------------
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = torch.device(name)
-    if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise UsageError('--device cuda was requested but CUDA is not available here; '
-                             'pass --device cpu to train on the CPU')
-        return torch.device('cuda', local_rank)
-    return device
-
 
 def prepare_data(config: TrainConfig, out: Path, info: distutil.DistInfo, print_fn: PrintFn
                  ) -> tuple[list[str], Optional[list[float]]]:
@@ -370,10 +357,3 @@ def run(args: argparse.Namespace, script_dir: Optional[Path] = None) -> int:
     and Ctrl-C raises Interrupted, for m2d.cli.common.guarded to report."""
     main(args, script_dir)
     return 0
-
-
-def cli(mae: bool = False, script_dir: Optional[Path] = None, argv: Optional[list[str]] = None) -> int:
-    """Entry point of train_audio.py / mae_train_audio.py: parse, train, and turn known failures into
-    a message and an exit status (2: bad arguments or data, 1: non-finite loss, 130: interrupted)."""
-    return guarded(lambda: run(parse_args(argv, mae), script_dir))
-

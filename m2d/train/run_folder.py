@@ -74,7 +74,8 @@ def check_ownership(folder: Path, resume: Optional[Path], overwrite: bool) -> li
     match = _CHECKPOINT.match(resume.name)
     later = [p for epoch, p in sorted(checkpoints.items()) if match and epoch > int(match[1])]
     if later and not overwrite:
-        raise RunFolderError(f'{folder} holds later checkpoints than {resume.name} ({", ".join(p.name for p in later)}) '
+        names = ', '.join(p.name for p in later)
+        raise RunFolderError(f'{folder} holds later checkpoints than {resume.name} ({names}) '
                              f'that resuming would overwrite; resume from {latest.name}, or pass --overwrite to move '
                              f'the later ones aside')
     return later

@@ -34,9 +34,10 @@ def main(wrapper_file: Path) -> None:
             print(f'AR_M2D output_layers={layers}: norm_stats {ar.norm_stats}, feature_d {ar.cfg.feature_d}, '
                   f'encode_frames {list(frames.shape)}, forward {list(emb.shape)}')
         ckpt = torch.load(weight)
+        projection = {f'audio_proj.{i}.{p}': torch.randn(192, 192) * 0.05 if p == 'weight' else torch.zeros(192)
+                      for i in (0, 2) for p in ('weight', 'bias')}
         ckpt['model'].update({'norm_stats': torch.tensor([-7.2, 4.3]), 'text_proj.weight': torch.eye(192),
-                              **{f'audio_proj.{i}.{p}': torch.randn(192, 192) * 0.05 if p == 'weight' else torch.zeros(192)
-                                 for i in (0, 2) for p in ('weight', 'bias')}})
+                              **projection})
         clap = Path(tmp) / 'm2d_clap_vit_tiny-80x208p16x16p16k-test' / 'checkpoint-1.pth'
         clap.parent.mkdir()
         torch.save(ckpt, clap)
@@ -46,7 +47,8 @@ def main(wrapper_file: Path) -> None:
         ar.precompute('cpu', None)
         emb = ar.encode_audio(audio)
         same = torch.allclose(emb, ar.runtime.encode_clap_audio(audio), atol=1e-5)
-        print(f'AR_M2D_CLAP: norm_stats {ar.norm_stats}, encode_audio {list(emb.shape)}, equals encode_clap_audio: {same}')
+        print(f'AR_M2D_CLAP: norm_stats {ar.norm_stats}, encode_audio {list(emb.shape)}, '
+              f'equals encode_clap_audio: {same}')
         if not same:
             sys.exit('AR_M2D_CLAP.encode_audio differs from RuntimeM2D.encode_clap_audio')
 
