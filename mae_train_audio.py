@@ -1,4 +1,4 @@
-"""Pre-train MSM-MAE on log-mel spectrogram files: python mae_train_audio.py --help (see README, Pre-training)."""
+"""Pre-train MSM-MAE on log-mel spectrogram files: python mae_train_audio.py --help (see docs/pretraining.md)."""
 import sys
 from pathlib import Path
 

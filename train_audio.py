@@ -1,4 +1,4 @@
-"""Pre-train M2D on log-mel spectrogram files: python train_audio.py --help (see README, Pre-training)."""
+"""Pre-train M2D on log-mel spectrogram files: python train_audio.py --help (see docs/pretraining.md)."""
 import sys
 from pathlib import Path
 

@@ -1,6 +1,6 @@
 """M2D as an EVAR audio representation (nttcslab/eval-audio-repr), configured by m2d.yaml.
 
-Setup with an EVAR checkout cloned into this repository's folder as `evar/` (README section 5); works with
+Setup with an EVAR checkout cloned into this repository's folder as `evar/` (docs/evaluation.md); works with
 the EVAR of the published numbers (a520758) and with EVAR HEAD, whose files of the same names the links replace:
     ln -sf ../../for_evar/ar_m2d.py evar/evar
     ln -sf ../../for_evar/m2d.yaml evar/config

@@ -49,7 +49,7 @@ def read_file_list(path: PathLike, what: str = 'dataset CSV', base_option: str =
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{what} not found: {path}. It lists paths relative to {base_option}: a CSV with a "
-                                "'file_name' column, or a text file with one path per line (see README)")
+                                "'file_name' column, or a text file with one path per line (see docs/pretraining.md)")
     if path.suffix.lower() == '.csv':
         df = read_table(path, what)
         if 'file_name' not in df.columns:

@@ -1,4 +1,4 @@
-"""for_evar/ar_m2d.py inside an EVAR-like checkout (tests/evar_stub), linked as the README sets it up."""
+"""for_evar/ar_m2d.py inside an EVAR-like checkout (tests/evar_stub), linked as docs/evaluation.md sets it up."""
 import datetime
 import importlib
 import os
@@ -19,7 +19,7 @@ STUB = REPO / 'tests' / 'evar_stub' / 'evar'
 
 @pytest.fixture(scope='module')
 def evar(tmp_path_factory):
-    """An 'evar' checkout beside a 'for_evar' folder, with the README's relative symlinks; yields evar.ar_m2d."""
+    """An 'evar' checkout beside a 'for_evar' folder, linked as docs/evaluation.md says; yields evar.ar_m2d."""
     root = tmp_path_factory.mktemp('m2d_repo')
     (root / 'for_evar').symlink_to(REPO / 'for_evar')
     pkg = root / 'evar' / 'evar'

@@ -12,7 +12,7 @@ from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = [*(REPO / 'm2d').rglob('*.py'), *(REPO / 'util').rglob('*.py'), *REPO.glob('*.py')]
-OPTIONAL = {'transformers'}  # M2D-CLAP's text encoder, imported only when text is encoded (README)
+OPTIONAL = {'transformers'}  # M2D-CLAP's text encoder, imported only when text is encoded (docs/runtime.md)
 # Calls whose first release sets a floor: (package, the call, the first version that has it).
 FIRST_RELEASES = [('torch', 'torch.serialization.safe_globals', '2.5')]  # pytorch/pytorch#127939, after 2.4
 

@@ -2,7 +2,7 @@
 
 Tasks whose data is absent are skipped with a note, so the same suite runs on a laptop (demo task
 only) and on a machine with EVAR's datasets (--evar_root or $M2D_EVAL_DATA). With $EVAR_ROOT pointing to
-an EVAR checkout (set up as in README section 5) the EVAR tasks run through EVAR's own lineareval.py instead.
+an EVAR checkout (set up as in docs/evaluation.md) the EVAR tasks run through EVAR's own lineareval.py instead.
 """
 import os
 import shlex

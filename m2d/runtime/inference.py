@@ -9,7 +9,7 @@ less work:
 - On AMD CPUs, in float32 without autocast, gradients or torch.compile, the linear layers run as
   oneDNN inner products, the first MLP layer with its GELU fused in. MKL, torch's x86 BLAS, takes
   slower code paths off Intel CPUs: on an AMD EPYC oneDNN took 5-14% less time for the encoder's
-  GEMMs, while on an Intel Xeon MKL was as fast or up to 13% faster (README, Performance).
+  GEMMs, while on an Intel Xeon MKL was as fast or up to 13% faster (bench/RESULTS.md).
 """
 from pathlib import Path
 from typing import Optional, Union

@@ -1,4 +1,4 @@
-"""Convert audio files to log-mel spectrogram (LMS) .npy files for pre-training (README: Preparing pre-training data).
+"""Convert audio files to log-mel spectrogram (LMS) .npy files for pre-training (docs/pretraining.md).
 
     python wav_to_lms.py /your/local/fsd50k/FSD50K.dev_audio data/lms_fsd50kdev --csv data/files_fsd50k.csv
     m2d wav2lms /your/local/fsd50k/FSD50K.dev_audio data/lms_fsd50kdev --csv data/files_fsd50k.csv  # the same

@@ -28,7 +28,7 @@ from m2d.model.vit import MODELS, MaskedAutoencoderViT, create_model
 from m2d.train.engine import AMP_DTYPES
 
 # Recipes for --preset: values for the flags a command line does not give. 'small' was chosen by the sweeps
-# of bench/bench_learning.py (README, "Pre-training on small data"): on 1,000 clips, a longer EMA horizon
+# of bench/bench_learning.py (docs/pretraining.md; bench/RESULTS.md): on 1,000 clips, a longer EMA horizon
 # helps, and 40 ms patches (16x4, as the later p16x4 weights) on 0.64 s crops learn more than 160 ms
 # patches (16x16) on 1.1 or 2.1 s crops, most on speech, at about twice the CPU time of the 1.1 s ones.
 PRESETS = {
@@ -178,7 +178,7 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
                         "weights on your own data): its model and sizes fill the flags not given, the optimizer "
                         'and schedules start afresh (default: none, random initial weights)')
     p.add_argument('--preset', default='', choices=['', *PRESETS], metavar='{' + ','.join(PRESETS) + '}',
-                   help='a recipe filling the flags not given: small = the small-data recipe of the README '
+                   help='a recipe filling the flags not given: small = the small-data recipe of docs/pretraining.md '
                         "(bench/bench_learning.py) (default: none, every flag's own default)")
     p.add_argument('--eval_scripts', default='', type=str,
                    help='folder of quick_eval.sh / all_eval.sh (default: the folder of the training script)')
