@@ -185,18 +185,21 @@ def measure(pub, build, input_size, batch: int, device: torch.device, args, flop
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--published', default=str(REPO / '.published'), help='folder bench/gpu_prepare.sh made')
-    p.add_argument('--shapes', nargs='+', default=['80x608p16x16', '80x200p16x4'], help='inputs as FxTpPFxPT')
-    p.add_argument('--batches', nargs='+', type=int, default=[64, 512], help='batch sizes')
+    p.add_argument('--shapes', nargs='+', default=None, help='inputs as FxTpPFxPT (default: 80x608p16x16 80x200p16x4)')
+    p.add_argument('--batches', nargs='+', type=int, default=None, help='batch sizes (default: 64 512)')
     p.add_argument('--mask_ratio', default=0.7, type=float)
     p.add_argument('--steps', default=20, type=int, help='timed steps (split), and the batches of the timed loop')
     p.add_argument('--warmup', default=5, type=int, help='untimed steps first')
     p.add_argument('--device', default='cuda')
     p.add_argument('--peak_tflops', default=None, type=float, help="dense bf16 peak (default: bench/mfu.py's table)")
     p.add_argument('--json', default=None, help='also write the rows to this JSON file')
-    p.add_argument('--quick', action='store_true', help='tiny CPU check: a 1-block ViT-Tiny of the published class')
+    p.add_argument('--quick', action='store_true',
+                   help='tiny CPU check: a 1-block ViT-Tiny of the published class (default 80x64p16x4, batch 2 and 4)')
     args = p.parse_args(argv)
     if args.quick:
-        args.device, args.shapes, args.batches, args.steps, args.warmup = 'cpu', ['80x64p16x4'], [2], 2, 1
+        args.device, args.steps, args.warmup = 'cpu', 2, 1
+        args.shapes, args.batches = args.shapes or ['80x64p16x4'], args.batches or [2, 4]
+    args.shapes, args.batches = args.shapes or ['80x608p16x16', '80x200p16x4'], args.batches or [64, 512]
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         fail('CUDA is not available here; pass --device cpu (or --quick)')

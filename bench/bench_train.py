@@ -16,10 +16,11 @@ timed steps. FLOPs are counted once per shape on one eager sample (forward and b
 network and predictor, the target network's forward; attention counted as explicit products) and scaled
 by the batch. MFU = FLOPs per step / (step time x the GPU's dense bf16 peak: bench/mfu.py, or --peak_tflops).
 
---batches takes numbers and `max`: the largest batch that fits, found by doubling from the largest number
-given (or 64) with the bf16 step (fp32 on the CPU) until memory runs out or --max_batch; each doubling is
-a row of its own (marked `sweep`). A configuration that runs out of memory is reported as OOM and the
-next one runs; with --deadline, configurations not started by then are reported as skipped.
+--batches takes numbers and `max`: the largest batch that fits, found by doubling from --sweep_from (64),
+or the largest number given if larger, with the bf16 step (fp32 on the CPU) until memory runs out or
+--max_batch; each doubling is a row of its own (marked `sweep`). A configuration that runs out of memory
+is reported as OOM and the next one runs; with --deadline, configurations not started by then are
+reported as skipped.
 """
 import argparse
 import contextlib
@@ -247,6 +248,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument('--batches', nargs='+', default=None,
                    help="batch sizes and/or 'max' (default on CUDA: 64 max; on the CPU: 8)")
     p.add_argument('--batch', type=int, default=None, help='one batch size (--batches N)')
+    p.add_argument('--sweep_from', type=int, default=64, help="first batch of the 'max' sweep, unless a larger "
+                                                              'number is given in --batches')
     p.add_argument('--max_batch', type=int, default=4096, help="largest batch the 'max' sweep tries")
     p.add_argument('--mask_ratio', default=0.7, type=float)
     p.add_argument('--steps', default=20, type=int, help='timed steps per configuration')
@@ -267,7 +270,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.device, args.model, args.depth, args.decoder_depth = 'cpu', 'm2d_vit_tiny', 1, 1
         args.shapes = args.shapes or [Shape.parse('80x64p16x4'), Shape.parse('80x96p16x16')]
         args.settings = args.settings or QUICK_SETTINGS
-        args.batches, args.max_batch = args.batches or ['2', 'max'], 8
+        args.batches, args.sweep_from, args.max_batch = args.batches or ['2', 'max'], 2, 8
         args.steps, args.warmup, args.sweep_steps = 2, 1, 1
     cuda = args.device.startswith('cuda')
     if args.input_size:
@@ -325,7 +328,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         batches = list(numbers)
         if want_max:
             sweep_setting = 'bf16' if device.type == 'cuda' else 'fp32'
-            batch, largest = max(numbers, default=64), None
+            batch, largest = max([args.sweep_from, *numbers]), None
             while batch <= args.max_batch and run(sweep_setting, batch, args.sweep_steps, sweep=True)['status'] == 'ok':
                 largest, batch = batch, batch * 2
             if largest is not None and largest not in batches:

@@ -10,7 +10,8 @@ unless --fast_run names a finished run folder of it (e.g. a torchrun run that wa
 Evaluation is switched off in the runs made here. Each run's loss at every step comes from its
 TensorBoard events (a step logged again after a resume counts once, the last time).
 
-Writes OUT/loss_curves.png, OUT/loss_curves.json and OUT/runs/ (run folders and their console logs). The
+Writes OUT/loss_curves.png, OUT/loss_curves.json and OUT/runs/ (run folders, replaced on every call, and
+their console logs). The
 verdict compares the curves smoothed over --smooth steps, on the second half of the steps: the mean
 absolute gap between --fast and the published path at the same seed, against the gap between the
 published path's first two seeds (seed noise). --fast is within seed noise when its gap is no larger.
@@ -18,6 +19,7 @@ published path's first two seeds (seed noise). --fast is within seed noise when 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -60,6 +62,7 @@ def gap(a: np.ndarray, b: np.ndarray) -> float:
 def train(name: str, flags: list[str], out: Path) -> Path:
     """Run train_audio.py with `flags` into OUT/runs/NAME (its console in OUT/runs/NAME.log) -> the run folder."""
     run_dir, log = out / 'runs' / name, out / 'runs' / f'{name}.log'
+    shutil.rmtree(run_dir, ignore_errors=True)  # this script's own folder: a run from an earlier call goes
     no_scripts = out / 'runs' / 'no_eval_scripts'  # an empty folder: the runs skip their evaluations
     no_scripts.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(REPO / 'train_audio.py'), *flags, '--output_dir', str(run_dir),
