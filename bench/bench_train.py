@@ -53,19 +53,22 @@ from bench.mfu import (
 from m2d.checkpoint import parse_size
 from m2d.model.vit import MODELS, create_model
 from m2d.train.engine import Precision, optimizer_step, update_target
+from m2d.train.fast import compile_blocks
 from util.atomic import open_atomic
 
 
 @dataclass(frozen=True)
 class Setting:
-    """How a step runs. amp: none | fp16 (with a GradScaler, as published) | bf16. compile: '' (eager) or a
-    torch.compile mode ('reduce-overhead' adds CUDA graphs). adamw: fused (on CUDA; foreach on the CPU, as
+    """How a step runs. amp: none | fp16 (with a GradScaler, as published) | bf16. compile: '' (eager) | blocks
+    (each transformer block, as train_audio.py --compile and --fast) | model (the whole model; with cudagraphs,
+    in torch.compile's reduce-overhead mode, which replays CUDA graphs). adamw: fused (on CUDA; foreach on the CPU, as
     train_audio.py) | foreach | loop (one tensor at a time). attention: sdpa (torch picks the kernel: flash
     where it can) | flash | efficient | cudnn | math (SDPA forced to that kernel; eager only) | naive (explicit
     softmax(QK^T)V). ema: foreach (the model's multi-tensor update) | loop (one pair of kernels per tensor).
     tf32: TF32 matrix products for fp32 work (CUDA)."""
     amp: str
     compile: str = ''
+    cudagraphs: bool = False
     adamw: str = 'fused'
     attention: str = 'sdpa'
     ema: str = 'foreach'
@@ -77,9 +80,10 @@ SETTINGS = {
     'tf32': Setting('none', tf32=True),
     'fp16-scaler': Setting('fp16'),  # the published recipe's precision
     'bf16': Setting('bf16'),
-    'bf16-compile': Setting('bf16', compile='default'),
-    'bf16-compile-cudagraphs': Setting('bf16', compile='reduce-overhead'),
-    'fp16-scaler-compile': Setting('fp16', compile='default'),
+    'bf16-compile': Setting('bf16', compile='blocks'),  # --fast on CUDA
+    'bf16-compile-model': Setting('bf16', compile='model'),
+    'bf16-compile-model-cudagraphs': Setting('bf16', compile='model', cudagraphs=True),
+    'fp16-scaler-compile': Setting('fp16', compile='blocks'),
     'bf16-foreach-adamw': Setting('bf16', adamw='foreach'),
     'bf16-flash': Setting('bf16', attention='flash'),
     'bf16-math-attention': Setting('bf16', attention='math'),
@@ -88,7 +92,7 @@ SETTINGS = {
 }
 SDPA_BACKENDS = {'flash': SDPBackend.FLASH_ATTENTION, 'efficient': SDPBackend.EFFICIENT_ATTENTION,
                  'cudnn': SDPBackend.CUDNN_ATTENTION, 'math': SDPBackend.MATH}
-GPU_SETTINGS = ['fp32', 'fp16-scaler', 'bf16', 'bf16-compile', 'bf16-compile-cudagraphs']
+GPU_SETTINGS = ['fp32', 'fp16-scaler', 'bf16', 'bf16-compile', 'bf16-compile-model', 'bf16-compile-model-cudagraphs']
 QUICK_SETTINGS = [name for name, s in SETTINGS.items() if not s.compile]
 
 
@@ -145,8 +149,12 @@ class TrainStep:
         self.precision = Precision.from_flag(setting.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.use_scaler)
         self.ema = update_target if setting.ema == 'foreach' else loop_ema
-        self.cudagraphs = setting.compile == 'reduce-overhead'
-        self.net = torch.compile(self.model, mode=setting.compile) if setting.compile else self.model
+        self.cudagraphs = setting.cudagraphs
+        self.net = self.model
+        if setting.compile == 'blocks':
+            compile_blocks(self.model)
+        elif setting.compile == 'model':
+            self.net = torch.compile(self.model, mode='reduce-overhead' if setting.cudagraphs else 'default')
         host = random_batch(batch, shape.input_size)
         self.host = host.pin_memory() if device.type == 'cuda' else host
 

@@ -8,8 +8,9 @@ Stages, in this order; each gets what time is left before --deadline, and a fail
 reported and the next one runs:
   env        the GPU, driver, torch and packages; the bf16 peak MFU is measured against, and a measured
              8192^3 bf16 matrix product beside it
-  bench      ours (bench_train): the bf16 batch sweep from 64 to the largest batch that fits, then
-             bf16 + torch.compile and the published fp16 + GradScaler at that batch, for 80x608p16x16 and 80x200p16x4
+  bench      ours (bench_train): the bf16 batch sweep from 64 to the largest batch that fits, then bf16 +
+             torch.compile (block by block, as --fast) and the published fp16 + GradScaler at that batch,
+             for 80x608p16x16 and 80x200p16x4
   published  the published code's own step and loop (bench_published) at batch 64, 512 and our largest
   encode     the runtime's encode MFU, 10 s clips x 64: fp32, bf16, bf16 + torch.compile (bench_encode_mfu)
   data       a synthetic corpus (m2d.audio.synth) converted by `m2d wav2lms`, and its normalisation stats
@@ -17,8 +18,9 @@ reported and the next one runs:
              the closing evaluation train_audio.py runs (the built-in suite: the demo task here)
   curves     the published path, seeds 0 and 1, on the same data and flags, against the run's --fast curve
              (bench/loss_curves.py: one PNG, a within-seed-noise verdict)
-  bench64    ours at batch 64: fp32, fp16 + GradScaler, bf16 + torch.compile + CUDA graphs
-  extras     ablations at the largest batch: TF32, foreach AdamW, forced flash attention, explicit attention
+  bench64    ours at batch 64: fp32, fp16 + GradScaler, bf16 + compile, bf16 + whole-model compile + CUDA graphs
+  extras     at the largest batch: bf16 + whole-model compile (against block by block), TF32, foreach AdamW,
+             forced flash attention, explicit attention
 
 Everything lands in --out ($OUT on the device machine, else ./gpu_session_out): summary.md (the tables, the
 goals, the exact commands), session.log (every command's output), loss_curves.png, details.tar.gz (the
@@ -174,25 +176,22 @@ class Session:
     # ----- the stages ----------------------------------------------------------------------------
 
     def stage_env(self, budget: float) -> str:
-        import torch
-
-        from bench.mfu import device_name, matmul_tflops, peak_tflops
-        cuda = not self.args.cpu_smoke
-        if cuda and not torch.cuda.is_available():
-            raise StageFailed('CUDA is not available: is this the GPU machine?')
-        device = torch.device('cuda' if cuda else 'cpu')
+        """Versions here; the GPU's figures from a child process (this one never holds GPU memory)."""
         lines = [f'Date: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}',
-                 f'Device: {device_name(device)}',
-                 f'Python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), '
-                 f'{packages()}']
-        if cuda:
+                 f'Python {platform.python_version()}, {packages()}']
+        if not self.args.cpu_smoke:
             smi = subprocess.run(['nvidia-smi', '--query-gpu=name,driver_version,memory.total,clocks.max.sm',
                                   '--format=csv,noheader'], capture_output=True, text=True)
             lines.append(f'nvidia-smi: {smi.stdout.strip() or smi.stderr.strip()}')
-            peak = peak_tflops(device)
-            lines.append(f'Dense bf16 peak used for MFU: {peak} TFLOP/s (bench/mfu.py, from the datasheet); '
-                         f'measured 8192^3 bf16 matrix product: {matmul_tflops(device):.0f} TFLOP/s')
         self.env_lines = lines
+        path = self.work / 'env.json'
+        device, size = ('cpu', '1024') if self.args.cpu_smoke else ('cuda', '8192')
+        self.check(self.command(self.python('-m', 'bench.mfu', '--device', device, '--size', size,
+                                            '--json', str(path)), budget), 'bench.mfu')
+        env = json.loads(path.read_text())
+        self.env_lines = [lines[0], f'Device: {env["device"]}; torch {env["torch"]} (CUDA {env["cuda"]})', *lines[1:],
+                          f'Dense bf16 peak used for MFU: {env["peak_tflops"]} TFLOP/s (bench/mfu.py, datasheet); '
+                          f'measured {env["size"]}^3 bf16 matrix product: {env["matmul_tflops"]:.1f} TFLOP/s']
         return ''
 
     def largest_batches(self) -> dict[str, int]:
@@ -289,7 +288,7 @@ class Session:
         return ''
 
     def stage_bench64(self, budget: float) -> str:
-        settings = ['fp32', 'fp16-scaler', 'bf16-compile-cudagraphs']
+        settings = ['fp32', 'fp16-scaler', 'bf16-compile', 'bf16-compile-model-cudagraphs']
         batches = ['64'] if not self.args.cpu_smoke else ['2']
         self.check(self.command(self.python('-m', 'bench.bench_train', *self.sizes.bench, '--settings', *settings,
                                             '--batches', *batches, '--deadline', str(budget - 60),
@@ -301,7 +300,7 @@ class Session:
         shape = SHAPES[0] if not self.args.cpu_smoke else next(iter(largest), None)
         if shape is None or shape not in largest:
             raise StageFailed('no largest batch: the bench stage did not finish')
-        settings = ['tf32', 'bf16-foreach-adamw', 'bf16-flash', 'bf16-naive-attention']
+        settings = ['bf16-compile-model', 'tf32', 'bf16-foreach-adamw', 'bf16-flash', 'bf16-naive-attention']
         self.check(self.command(self.python('-m', 'bench.bench_train', *self.sizes.bench, '--shapes', shape,
                                             '--settings', *settings, '--batches', str(largest[shape]),
                                             '--deadline', str(budget - 30), '--json', str(self.work / 'extras.json')),
@@ -337,7 +336,7 @@ def write_clips(job: tuple[Path, int, int, tuple[float, float]]) -> None:
 def packages() -> str:
     from importlib.metadata import PackageNotFoundError, version
     found = []
-    for name in ('timm', 'numpy', 'triton', 'nnAudio', 'soundfile'):
+    for name in ('torch', 'timm', 'numpy', 'triton', 'nnAudio', 'soundfile'):
         try:
             found.append(f'{name} {version(name)}')
         except PackageNotFoundError:

@@ -2,12 +2,16 @@
 CUDA events, peak memory, and out-of-memory handling. Needs nothing but torch (bench/bench_published.py
 imports it next to the published code).
 
+    python -m bench.mfu --device cuda     # the GPU, the peak MFU is measured against, and a measured bf16 rate
+
 MFU (model FLOPs utilisation) = the FLOPs a step must do, counted by torch.utils.flop_counter on the
 eager model (matrix products and convolutions; attention as explicit products, see count_flops), over
 (step time x the accelerator's dense bf16 peak).
 """
+import argparse
 import contextlib
 import gc
+import json
 import sys
 import time
 from typing import Callable, Iterator, Optional
@@ -172,3 +176,27 @@ HEADER = ('| shape | setting | batch | samples/s | step ms | data ms | forward m
           '| EMA ms | peak GiB | GFLOP/sample | TFLOP/s | MFU |\n|' + '---|' * 14)
 
 
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description='The device, its dense bf16 peak (this table) and a measured bf16 rate.')
+    p.add_argument('--device', default='cuda')
+    p.add_argument('--size', type=int, default=8192, help='n of the n x n x n bf16 matrix product')
+    p.add_argument('--json', default=None, help='also write the figures to this JSON file')
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        fail('CUDA is not available here; pass --device cpu')
+    info = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda,
+                peak_tflops=peak_tflops(device), size=args.size, matmul_tflops=matmul_tflops(device, args.size))
+    print(f'{info["device"]}, torch {info["torch"]} (CUDA {info["cuda"]}): dense bf16 peak for MFU '
+          f'{info["peak_tflops"]} TFLOP/s (datasheet); measured {args.size}^3 bf16 matrix product '
+          f'{info["matmul_tflops"]:.1f} TFLOP/s')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(info, f, indent=1)
+    return info
+
+
+if __name__ == '__main__':
+    main()

@@ -4,10 +4,12 @@ import math
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_pretrain import run, tiny_argv
+from timm.models.vision_transformer import Block
 
 from m2d.checkpoint import load_checkpoint
+from m2d.model.vit import create_model
 from m2d.train.config import TrainConfig, get_args_parser
-from m2d.train.fast import apply_fast
+from m2d.train.fast import apply_fast, compile_blocks
 
 
 def resolved(argv: list[str], device: str) -> dict:
@@ -45,3 +47,13 @@ def test_a_fast_run_trains_and_differs_only_in_precision(lms_data, tmp_path, cap
     differ = {k for k in stored[0].keys() | stored[1].keys() if stored[0].get(k) != stored[1].get(k)}
     assert differ == {'fast', 'amp', 'output_dir'}
     assert (stored[0]['amp'], stored[1]['amp']) == ('bf16', None)
+
+
+def test_compile_compiles_each_block_in_place_and_keeps_the_state_dict():
+    model = create_model('m2d_vit_tiny', img_size=[80, 96], depth=2, decoder_depth=1)
+    keys = list(model.state_dict())
+    assert compile_blocks(model) is model
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    assert len(blocks) == 2 + 1 + 2  # encoder, predictor, target
+    assert all(b._compiled_call_impl is not None for b in blocks)  # what nn.Module.compile() sets
+    assert list(model.state_dict()) == keys  # checkpoints load into eager models as they are

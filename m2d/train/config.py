@@ -113,7 +113,7 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
                        help='norm_mse: MSE of L2-normalised vectors; mse: plain MSE')
         p.add_argument('--target_layers', default=[], type=lambda s: parse_numbers(s, int),
                        help="average these target blocks' outputs, e.g. '[8,9,10,11]' (default: the last block)")
-    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model, block by block (m2d/train/fast.py)')
     p.add_argument('--fast', action='store_true',
                    help='the fastest settings that keep the published numerics (docs/gpu-training.md): bf16 autocast '
                         '(unless --amp is given), and on CUDA torch.compile')
