@@ -28,6 +28,7 @@ JSON of every table, run and console logs). summary.md is rewritten after every 
 short still returns what it measured. Work files (audio, LMS, checkpoints) stay in --work.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -130,7 +131,8 @@ class Session:
                 return proc.wait(timeout=max(timeout, 1))
             except subprocess.TimeoutExpired:
                 for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-                    os.killpg(proc.pid, sig)
+                    with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+                        os.killpg(proc.pid, sig)
                     try:
                         proc.wait(timeout=grace)
                         break
@@ -179,7 +181,7 @@ class Session:
         """Versions here; the GPU's figures from a child process (this one never holds GPU memory)."""
         lines = [f'Date: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}',
                  f'Python {platform.python_version()}, {packages()}']
-        if not self.args.cpu_smoke:
+        if not self.args.cpu_smoke and shutil.which('nvidia-smi'):
             smi = subprocess.run(['nvidia-smi', '--query-gpu=name,driver_version,memory.total,clocks.max.sm',
                                   '--format=csv,noheader'], capture_output=True, text=True)
             lines.append(f'nvidia-smi: {smi.stdout.strip() or smi.stderr.strip()}')

@@ -93,3 +93,12 @@ def test_the_gpu_session_writes_its_outputs_stage_by_stage(tmp_path):
     with tarfile.open(out / 'details.tar.gz') as tar:
         assert 'norm_stats.json' in tar.getnames()
     assert (out / 'session.log').stat().st_size > 0
+
+
+def test_the_gpu_session_skips_the_stages_it_has_no_time_for(tmp_path):
+    done = subprocess.run([sys.executable, '-m', 'bench.gpu_session', '--cpu-smoke', '--stages', 'env', 'data',
+                           '--deadline', '30', '--out', str(tmp_path / 'out'), '--work', str(tmp_path / 'work')],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1
+    summary = (tmp_path / 'out' / 'summary.md').read_text()
+    assert '| env | skipped (no time left) |' in summary and '| data | skipped (no time left) |' in summary
