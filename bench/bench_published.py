@@ -3,8 +3,8 @@
     python -m bench.bench_published --device cuda --batches 64 512    # reads .published/ (bench/gpu_prepare.sh)
     python -m bench.bench_published --quick                            # a tiny CPU check that it all runs
 
-The published code (nttcslab/m2d d1646d1 with the MAE files and patch_m2d.diff, rebuilt from its public
-sources) is never part of this repository: bench/gpu_prepare.sh copies it into the ignored folder
+The published code (the first release of nttcslab/m2d, set up as its README describes) is never part of
+this repository: bench/gpu_prepare.sh copies it into the ignored folder
 .published/ with the timm 0.4.12 wheel it was written for, and this bench imports both from there (this
 process imports nothing of this repository but bench/mfu.py: the published `m2d` and `util` packages
 take those names). Shims, none of which changes a number: torch._six.inf and numpy.float, gone from
@@ -63,7 +63,7 @@ def import_published(root: Path) -> types.SimpleNamespace:
     source, wheel = root / 'm2d', root / 'wheels' / TIMM_WHEEL
     if not (source / 'm2d' / 'models_mae.py').is_file() or not wheel.is_file():
         fail(f'the published implementation is not in {root} (needs m2d/m2d/models_mae.py and '
-                         f'wheels/{TIMM_WHEEL}); make it with: bash bench/gpu_prepare.sh')
+                         f'wheels/{TIMM_WHEEL}); make it with: bash bench/gpu_prepare.sh PUBLISHED_DIR')
     if 'm2d' in sys.modules or 'timm' in sys.modules:
         fail('this process already imported m2d or timm; run the published bench in its own process')
     # This repository's m2d and util packages would shadow the published ones.

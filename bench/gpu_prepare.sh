@@ -4,11 +4,12 @@
 #                nnAudio, soundfile (+ cffi, pycparser), soxr, and the timm this checkout is tested with
 #   .published/  the published implementation, rebuilt from its public sources, and the timm 0.4.12 wheel
 #                it runs with (never committed: its own licence; bench/bench_published.py reads it)
-# Usage: bash bench/gpu_prepare.sh [PUBLISHED_DIR]   (default /work/published/m2d: nttcslab/m2d d1646d1 with
-# the facebookresearch/mae efb2a80 files and patch_m2d.diff applied; see tests/reference/make_published_trajectory.py)
+# Usage: bash bench/gpu_prepare.sh PUBLISHED_DIR   (the first release of nttcslab/m2d, set up as its README
+# describes; it is copied, never built here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PUBLISHED=${1:-/work/published/m2d}
+[ $# -ge 1 ] || { echo "usage: $0 PUBLISHED_DIR (the published m2d code's folder)" >&2; exit 2; }
+PUBLISHED=$1
 PY=${M2D_PYTHON:-.venv/bin/python}
 [ -f "$PUBLISHED/m2d/models_mae.py" ] || { echo "error: $PUBLISHED is not the published m2d tree (no m2d/models_mae.py); pass its folder" >&2; exit 2; }
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }

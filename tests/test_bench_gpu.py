@@ -65,7 +65,7 @@ def test_the_published_bench_needs_the_prepared_folder(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f'error: the published implementation is not in {tmp_path} (needs m2d/m2d/models_mae.py and '
-        'wheels/timm-0.4.12-py3-none-any.whl); make it with: bash bench/gpu_prepare.sh']
+        'wheels/timm-0.4.12-py3-none-any.whl); make it with: bash bench/gpu_prepare.sh PUBLISHED_DIR']
 
 
 def test_loss_curves_of_fast_and_two_published_seeds(tmp_path):
