@@ -114,7 +114,10 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
                        help='norm_mse: MSE of L2-normalised vectors; mse: plain MSE')
         p.add_argument('--target_layers', default=[], type=lambda s: parse_numbers(s, int),
                        help="average these target blocks' outputs, e.g. '[8,9,10,11]' (default: the last block)")
-    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model, block by block (m2d/train/fast.py)')
+    p.add_argument('--fast', action='store_true',
+                   help='the fastest settings that keep the published numerics (docs/gpu-training.md): bf16 autocast '
+                        '(unless --amp is given), and on CUDA torch.compile')
     # Optimizer.
     p.add_argument('--optim', default='adamw', choices=['adamw', 'sgd'], help='AdamW (0.9, 0.95) or SGD (momentum 0.9)')
     p.add_argument('--weight_decay', default=0.05, type=float, help='weight decay (not on biases and 1-D parameters)')
@@ -197,7 +200,7 @@ RESUMED_ARGS = ('model', 'depth', 'decoder_depth', 'input_size', 'patch_size', '
 
 # Stored settings a user might expect a resume to carry on; a note names those that differ.
 NOTED_IF_NOT_RESUMED = ('data_path', 'dataset', 'csv_bg_noise', 'skip_missing', 'log_dir', 'eval_scripts',
-                        'eval_after', 'device', 'compile')
+                        'eval_after', 'device', 'compile', 'fast')
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> set[str]:
     """The destinations of the flags given on the command line: `parser` (a fresh one) parses argv

@@ -50,6 +50,7 @@ from m2d.train.data import (
     read_file_list,
 )
 from m2d.train.engine import Precision, RunClock, Schedule, train_one_epoch
+from m2d.train.fast import apply_fast, compile_blocks, describe
 from m2d.train.plots import save_loss_curve, save_mask_figure
 from m2d.train.resume import load_initial_weights, resume_from, resume_hint, rng_state, seed_everything
 from m2d.train.run_folder import check_ownership, in_use, move_aside, run_lock, truncate_log, unused_folder
@@ -234,6 +235,7 @@ def main(args: argparse.Namespace, script_dir: Optional[Path] = None) -> RunResu
 def _main(config: TrainConfig, info: distutil.DistInfo, scripts: str) -> RunResult:
     validate_args(config)
     device = resolve_device(config.device, info.local_rank)
+    config = apply_fast(config, device)
     print_fn = print if info.is_main else (lambda *_: None)
     checkpoint = None
     if config.resume:
@@ -246,6 +248,8 @@ def _main(config: TrainConfig, info: distutil.DistInfo, scripts: str) -> RunResu
             print_fn(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {" ".join(sys.argv)}')
             if checkpoint is not None:
                 note_settings_not_resumed(saved_args(checkpoint), config, print_fn)
+            if getattr(config, 'fast', False):
+                print_fn(describe(config, device))
             config, files = settle(config, info, device, checkpoint, print_fn)
             # The checks passed: only now the run folder is made (a failed start leaves none), and claimed.
             error = distutil.broadcast_object(claim_run_folder(config, held, console, print_fn) if info.is_main
@@ -280,10 +284,10 @@ def train(config: TrainConfig, info: distutil.DistInfo, device: torch.device, fi
         truncate_log(out / 'log.txt', start_epoch)
 
     model = raw_model
+    if config.compile:  # before DDP wraps it: its gradient hooks then work as on the eager model
+        compile_blocks(raw_model)
     if info.distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    if config.compile:
-        model = torch.compile(model)
     print_fn(f'Model {config.model}: {sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M '
              f'trainable parameters; precision {precision.dtype or torch.float32}; device {device}')
     print_fn(f'Arguments: {json.dumps(vars(config), default=str)}')

@@ -4,9 +4,8 @@ trains the tiny M2D for 3 epochs on the CPU, in one process, from the fixed init
 
     python tests/reference/make_published_trajectory.py /path/to/published/m2d
 
-/path/to/published/m2d is the first release of nttcslab/m2d (commit d1646d1628eb8a6066ed84ac6f665bf5b114a3d4)
-with the MAE files its README names (facebookresearch/mae efb2a8062c206524e35e47d04501ed4f544c0ae8) and its
-patch_m2d.diff applied. Run this with an interpreter that has the published requirements, timm 0.4.x among
+/path/to/published/m2d is the first release of nttcslab/m2d, set up as its README describes (the code
+itself is never part of this repository). Run this with an interpreter that has the published requirements, timm 0.4.x among
 them (train_audio.py calls its optim_factory.add_weight_decay).
 
 The tiny model enters through the published model registry: a factory added to the published
