@@ -18,6 +18,7 @@ temporary file renamed into place once complete); a rerun skips finished shards,
 resumes where it stopped and nothing written is lost. See docs/data-at-scale.md.
 """
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -33,7 +34,6 @@ import numpy as np
 import webdataset
 from tqdm import tqdm
 
-from m2d.cli.common import describe_interrupt
 from m2d.errors import Interrupted, OutputError, UsageError
 from m2d.filelist import PathLike, read_file_list
 from m2d.outputs import DISK_WIDE_ERRORS, check_writable, writing
@@ -115,8 +115,12 @@ class ShardWriter:
         self.sumsq += float(np.square(values).sum())
         self.count += values.size
 
-    def record(self, name: str) -> dict:
+    def close(self) -> None:
+        """Finish the tar (its end blocks): before the file closes, also when packing failed."""
         self.tar.close()
+
+    def record(self, name: str) -> dict:
+        self.close()
         return dict(name=name, bytes=self.out.bytes, sha256=self.out.sha256.hexdigest(), samples=len(self.offsets),
                     offsets=self.offsets, frames=self.frames, sum=self.sum, sumsq=self.sumsq, count=self.count)
 
@@ -149,21 +153,22 @@ def pack_shard(job: PackJob, load: Optional[ClipLoader] = None) -> dict:
     names, failed = [], []
     with open_atomic(out / shard_name(job.number)) as f:
         writer = ShardWriter(f, job.dtype)
-        for name in job.names:
-            try:
-                lms = load(name)
-            except FileNotFoundError:
-                failed.append([name, 'missing'])
-                continue
-            except Exception as e:  # one bad file must not stop the others; report it by name
-                failed.append([name, f'unreadable ({type(e).__name__}: {e})'])
-                continue
-            problem = clip_problem(lms, job.n_mels, job.dtype)
-            if problem:
-                failed.append([name, problem])
-                continue
-            writer.add(lms, job.first_position + len(names))
-            names.append(name)
+        with contextlib.closing(writer):
+            for name in job.names:
+                try:
+                    lms = load(name)
+                except FileNotFoundError:
+                    failed.append([name, 'missing'])
+                    continue
+                except Exception as e:  # one bad file must not stop the others; report it by name
+                    failed.append([name, f'unreadable ({type(e).__name__}: {e})'])
+                    continue
+                problem = clip_problem(lms, job.n_mels, job.dtype)
+                if problem:
+                    failed.append([name, problem])
+                    continue
+                writer.add(lms, job.first_position + len(names))
+                names.append(name)
         record = writer.record(shard_name(job.number))
     record.update(n_mels=job.n_mels, dtype=job.dtype, names=names, failed=failed, planned=job.names)
     with open_atomic(out / shard_name(job.number).replace('.tar', '.json'), 'w') as f:
@@ -260,10 +265,12 @@ def pack_folder(names: Sequence[str], out: PathLike, make_loader: Callable[[], C
                 report.packed += 1
                 bar.update()
         except KeyboardInterrupt:
-            raise Interrupted(describe_interrupt(report.packed, len(todo), 'shards packed')) from None
+            raise Interrupted(f'{report.packed} of {len(todo)} shards packed, rerun the same command to continue') \
+                from None
         except OSError as e:
             if e.errno in DISK_WIDE_ERRORS or e.errno is None:
-                raise OutputError(out, e, describe_interrupt(report.packed, len(todo), 'shards packed')) from None
+                raise OutputError(out, e, f'{report.packed} of {len(todo)} shards packed, rerun the same command to '
+                                          'continue') from None
             raise
     report.shards = [records[n] for n in sorted(records)]
     if not any(r['samples'] for r in report.shards):

@@ -291,4 +291,7 @@ def make_loader(config: argparse.Namespace, info: DistInfo, files: Union[list[st
         if reshuffle:
             sampler.set_epoch(epoch)
         sampler.skip = first_step * config.batch_size
+        # The loader seeds its workers with a draw from torch's RNG when the epoch starts; a run resumed part-way
+        # restored that RNG as it was after the draw: the draw comes from elsewhere, and the masks stay the same.
+        loader.generator = torch.Generator() if first_step else None
     return loader, start_of_epoch
