@@ -5,7 +5,7 @@
     python -m bench.bench_data --fp16 --frames 1001 --crop 608                 # what float16 storage changes
 
 For each corpus size: writes that many random LMS clips (1, 80, frames) as .npy files and a CSV, packs
-them (float16), then measures, each in a fresh process:
+them (--dtype), then measures, each in a fresh process:
 - start-up: the data part of launch -> first step (list, checks, norm stats, loader, first batch), at a
   first start and at a repeated start (what is remembered: the checked files, the checked shards);
 - loader throughput of one process (one core): samples/s of batches of random crops, with the files
@@ -17,7 +17,6 @@ assumed share of a GPU's peak. Corpora go to --workdir and are deleted afterward
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -41,6 +40,12 @@ def make_corpus(root: Path, clips: int, frames: int) -> None:
         np.save(root / name, (rng.standard_normal((1, 80, frames), np.float32) * 2 - 5))
         names.append(name)
     (root / 'files.csv').write_text('file_name\n' + '\n'.join(names) + '\n')
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    status = Path('/proc/self/status').read_text()
+    return int(status.split('VmHWM:')[1].split()[0]) / 1024
 
 
 def evict(folder: Path) -> None:
@@ -89,7 +94,7 @@ def child_loader(root: Path, path: str, crop: int, samples: int, cold: bool) -> 
     from m2d.train.shards import open_shards
     from util.dist import DistInfo
     torch.set_num_threads(1)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the interpreter, torch, m2d
+    baseline = peak_rss_mb()  # the interpreter, torch, m2d
     data = open_shards(str(root / 'shards'), 80) if path == 'shards' else read_file_list(root / 'files.csv')
     loader, start_of_epoch = make_loader(config(root, path, crop), DistInfo(), data, torch.device('cpu'))
     start_of_epoch(0)
@@ -105,7 +110,7 @@ def child_loader(root: Path, path: str, crop: int, samples: int, cold: bool) -> 
         n += len(next(batches))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return {'samples_per_s': n / wall, 'samples_per_cpu_s': n / cpu,
-            'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'baseline_rss_mb': baseline}
+            'peak_rss_mb': peak_rss_mb(), 'baseline_rss_mb': baseline}
 
 
 def in_child(*args: str) -> dict:
@@ -159,6 +164,7 @@ def main() -> None:
     p.add_argument('--crop', type=int, default=64, help='crop frames (the published run: 608 of 1001)')
     p.add_argument('--samples', type=int, default=20_000, help='crops loaded per throughput measurement')
     p.add_argument('--workdir', default='/tmp/m2d_bench_data', help='where corpora are written (then deleted)')
+    p.add_argument('--dtype', default='float32', choices=['float32', 'float16'], help='stored precision of the shards')
     p.add_argument('--fp16', action='store_true', help='only measure what float16 storage changes')
     p.add_argument('--child', nargs='+', help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -185,9 +191,9 @@ def main() -> None:
             written = time.perf_counter() - t
             t = time.perf_counter()
             pack_folder(read_file_list(root / 'files.csv'), root / 'shards', _NpyLoaderFactory(str(root)),
-                        shard_clips=max(100, min(1000, clips // 64)), progress=False)
+                        dtype=args.dtype, shard_clips=max(100, min(1000, clips // 64)), progress=False)
             packed = time.perf_counter() - t
-            print(f'\n{clips} clips: .npy files written in {written:.0f} s, packed (float16, 1 process) in '
+            print(f'\n{clips} clips: .npy files written in {written:.0f} s, packed ({args.dtype}, 1 process) in '
                   f'{packed:.0f} s ({clips / packed:.0f} clips/s)')
             for path in ('published', 'shards'):
                 for forget in (root / f'.files.csv.checked.npz', root / 'cache'):

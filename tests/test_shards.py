@@ -61,7 +61,7 @@ def test_pack_stores_every_clip_readable_by_offset_and_by_webdataset(tmp_path, c
     read = {s['__key__']: s['npy'] for s in webdataset.WebDataset(urls, shardshuffle=False).decode()}
     assert len(read) == 16 and np.array_equal(read['000000007'], np.load(data / names[7]))
 
-    half = pack(data, tmp_path / 'half')  # float16 (the default): within float16's rounding
+    half = pack(data, tmp_path / 'half', '--dtype', 'float16')  # within float16's rounding
     half_files = ShardFiles(open_shards(str(half), 80), tmp_path / 'cache')
     for i, name in names.items():
         x = np.load(data / name)
@@ -241,7 +241,8 @@ def test_a_run_resumed_part_way_through_an_epoch_sees_the_same_samples_and_ends_
                                                                                         source):
     data = make_lms_dataset(tmp_path / 'data', lengths=(150, 96, 60, 300) * 6, vis=0)
     if source == 'shards':
-        where = ['--shards', str(pack(data, tmp_path / 'shards')), '--shard_cache', str(tmp_path / 'cache')]
+        where = ['--shards', str(pack(data, tmp_path / 'shards', '--dtype', 'float16')),
+                 '--shard_cache', str(tmp_path / 'cache')]
     else:  # the published path: the same order, and the same crops with --num_workers 0
         where = ['--data_path', str(data), '--dataset', str(data / 'files.csv')]
     batches, stop_at = [], [None]

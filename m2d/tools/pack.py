@@ -1,6 +1,6 @@
 """Pack a pre-training data set into shards: a CSV of LMS .npy files -> a folder of tar shards and index.json.
 
-    m2d pack data/files_audioset.csv data/shards_audioset --data_path data --dtype float16
+    m2d pack data/files_audioset.csv data/shards_audioset --data_path data
     m2d wav2lms /your/audioset data/shards_audioset --shards          # from audio, without .npy files
     m2d train --shards data/shards_audioset ...                      # or an http(s)://, gs://, pipe: URL
 
@@ -43,7 +43,7 @@ from util.cpu import usable_cores
 FORMAT = 'm2d-lms-shards'
 VERSION = 1
 INDEX_NAME = 'index.json'
-SHARD_CLIPS = 1000  # 10 s clips: 160 MB shards in float16, 320 MB in float32
+SHARD_CLIPS = 1000  # 10 s clips: 320 MB shards in float32, 160 MB in float16
 DTYPES = ('float32', 'float16')
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -228,7 +228,7 @@ class PackReport:
 
 
 def pack_folder(names: Sequence[str], out: PathLike, make_loader: Callable[[], ClipLoader], n_mels: int = 80,
-                dtype: str = 'float16', shard_clips: int = SHARD_CLIPS, seed: int = 0, workers: int = 1,
+                dtype: str = 'float32', shard_clips: int = SHARD_CLIPS, seed: int = 0, workers: int = 1,
                 progress: bool = True, source: str = '') -> PackReport:
     """Pack the clips `make_loader()` loads by name into shards in `out` and write out/index.json.
 
@@ -297,9 +297,9 @@ def write_index(out: Path, records: list[dict], n_mels: int, dtype: str, seed: i
 
 def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `m2d pack` and `m2d wav2lms --shards` share."""
-    parser.add_argument('--dtype', default='float16', choices=DTYPES,
-                        help='stored precision: float16 halves the bytes (docs/data-at-scale.md measures what it '
-                             'changes); float32 stores the values exactly')
+    parser.add_argument('--dtype', default='float32', choices=DTYPES,
+                        help='stored precision: float32 stores the values exactly; float16 halves the bytes (for '
+                             'network storage) at a small rounding and more loader CPU (docs/data-at-scale.md)')
     parser.add_argument('--shard_clips', type=int, default=SHARD_CLIPS, help='clips per shard')
     parser.add_argument('--seed', type=int, default=0, help='seed of the order in which clips go into shards')
 

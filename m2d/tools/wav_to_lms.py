@@ -269,7 +269,7 @@ def write_file_list(lms_dirs: Union[PathLike, Sequence[PathLike]], csv_path: Pat
 
 def main(src: str, dst: str, suffix: str = '.wav', workers: Optional[int] = None, csv: Optional[str] = None,
          data_path: str = 'data', min_length: float = 0.0, verbose: bool = False, files: Optional[str] = None,
-         skip: int = 0, max_seconds: float = MAX_SECONDS, shards: bool = False, dtype: str = 'float16',
+         skip: int = 0, max_seconds: float = MAX_SECONDS, shards: bool = False, dtype: str = 'float32',
          shard_clips: int = SHARD_CLIPS, seed: int = 0) -> int:
     """Convert audio below SRC (or the files a list names) to LMS .npy files below DST (with shards=True,
     into a shard set at DST, as m2d pack makes); see add_arguments.
