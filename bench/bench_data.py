@@ -196,20 +196,22 @@ def main() -> None:
             print(f'\n{clips} clips: .npy files written in {written:.0f} s, packed ({args.dtype}, 1 process) in '
                   f'{packed:.0f} s ({clips / packed:.0f} clips/s)')
             for path in ('published', 'shards'):
-                for forget in (root / f'.files.csv.checked.npz', root / 'cache'):
+                for forget in (root / '.files.csv.checked.npz', root / 'cache'):
                     shutil.rmtree(forget, ignore_errors=True) if forget.is_dir() else forget.unlink(missing_ok=True)
                 first = in_child('startup', str(root), path, str(args.crop))['seconds']
                 again = in_child('startup', str(root), path, str(args.crop))['seconds']
-                print(f'  {path:9s} start-up to the first batch: first start {first:.2f} s, repeated start {again:.2f} s')
+                print(f'  {path:9s} start-up to the first batch: first start {first:.2f} s, '
+                      f'repeated start {again:.2f} s')
             for cache in ('warm', 'cold'):
                 for path in ('published', 'shards'):
                     if cache == 'warm':  # read everything once: the page cache holds the corpus
                         subprocess.run(f'find {root} -type f -exec cat {{}} + > /dev/null', shell=True, check=True)
                     r = in_child('loader', str(root), path, str(args.crop), str(args.samples), cache)
                     rates[(clips, path, cache)] = r
-                    print(f'  {path:9s} {cache}: {r["samples_per_s"]:7.0f} samples/s wall, {r["samples_per_cpu_s"]:7.0f}'
-                          f' per CPU-second, peak RSS {r["peak_rss_mb"]:.0f} MB (+{r["peak_rss_mb"] - r["baseline_rss_mb"]:.0f} '
-                          'MB over the process before loading)')
+                    growth = r['peak_rss_mb'] - r['baseline_rss_mb']
+                    print(f'  {path:9s} {cache}: {r["samples_per_s"]:7.0f} samples/s wall, '
+                          f'{r["samples_per_cpu_s"]:7.0f} per CPU-second, peak RSS {r["peak_rss_mb"]:.0f} MB (+{growth:.0f} MB over the process '
+                          'before loading)')
         finally:
             shutil.rmtree(root, ignore_errors=True)
 

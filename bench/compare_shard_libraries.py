@@ -1,7 +1,8 @@
 """Benchmark behind the choice of shard library (docs/data-at-scale.md): one process reading random crops
 of the same clips through each candidate's own reader.
 
-    python -m venv /tmp/libs && echo $PWD/.venv/lib/python3.11/site-packages > /tmp/libs/lib/python3.11/site-packages/m2d.pth
+    python -m venv /tmp/libs
+    echo $PWD/.venv/lib/python3.11/site-packages > /tmp/libs/lib/python3.11/site-packages/m2d.pth
     /tmp/libs/bin/pip install --no-deps mosaicml-streaming==0.13.0 litdata==0.2.76 xxhash zstd python-snappy \
         cramjam brotli lightning-utilities boto3 botocore s3transfer jmespath obstore tifffile catalogue
     /tmp/libs/bin/python -m bench.compare_shard_libraries --clips 3000

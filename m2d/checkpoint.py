@@ -96,7 +96,8 @@ def load_checkpoint(path: Union[str, Path], trust: bool = False) -> Any:
                               f'({reason.strip()})') from None
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, args, rng_states, step: int = 0) -> Path:
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, args, rng_states,
+                    step: int = 0) -> Path:
     """checkpoint-N.pth: model (full state dict, EMA target included), optimizer, epoch (= epochs done;
     the sampler epoch follows from it), scaler, args, and every rank's RNG states for an exact resume.
     step > 0 (checkpoint-last.pth, saved part-way through an epoch): the steps of epoch `epoch` + 1 done."""

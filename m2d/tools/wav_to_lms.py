@@ -81,9 +81,9 @@ def list_sources(src: PathLike, suffix: str = '.wav') -> list[Path]:
 
 def audio_to_lms(src_file: PathLike, to_lms: LogMelSpectrogram, min_samples: int = 0,
                  max_seconds: Optional[float] = None) -> tuple[np.ndarray, int]:
-    """Audio file -> (float32 LMS (1, 80, T), its 16 kHz sample count). Audio shorter than `min_samples` is right-padded with zeros
-    (silence) first. Raises AudioReadError naming the file when it cannot be read, is longer than
-    `max_seconds` or too short for one STFT frame."""
+    """Audio file -> (float32 LMS (1, 80, T), its 16 kHz sample count). Audio shorter than `min_samples` is
+    right-padded with zeros (silence) first. Raises AudioReadError naming the file when it cannot be read, is
+    longer than `max_seconds` or too short for one STFT frame."""
     wav = load_audio(src_file, SAMPLE_RATE, max_seconds)
     if wav.shape[0] < min_samples:
         wav = np.pad(wav, (0, min_samples - wav.shape[0]))

@@ -62,8 +62,8 @@ from m2d.train.data import (
 from m2d.train.engine import Precision, RunClock, Schedule, train_one_epoch
 from m2d.train.plots import save_loss_curve, save_mask_figure
 from m2d.train.resume import load_initial_weights, resume_from, resume_hint, rng_state, seed_everything
-from m2d.train.shards import ShardSet, open_shards
 from m2d.train.run_folder import check_ownership, in_use, move_aside, run_lock, truncate_log, unused_folder
+from m2d.train.shards import ShardSet, open_shards
 from util import dist as distutil
 from util.atomic import remove_stale_temp_files, save_atomic
 from util.cpu import idle_cores, usable_cores
@@ -333,7 +333,8 @@ def train(config: TrainConfig, info: distutil.DistInfo, device: torch.device, fi
     with writing(log_dir):
         # purge_step: TensorBoard drops the points a killed run logged after its last checkpoint, so each
         # step shows once however often the run was stopped and resumed.
-        writer = SummaryWriter(str(log_dir), purge_step=start_epoch * len(loader) + start_step) if info.is_main else None
+        writer = SummaryWriter(str(log_dir), purge_step=start_epoch * len(loader) + start_step) if info.is_main \
+            else None
     vis = load_vis_samples(Path(config.data_path) / 'vis_samples', config.input_size[1], config.norm_stats)
     result = RunResult(out, raw_model)
     last_epoch = config.epochs if config.stop_at <= 0 else min(config.stop_at, config.epochs)
@@ -350,7 +351,8 @@ def train(config: TrainConfig, info: distutil.DistInfo, device: torch.device, fi
         if info.is_main:
             path = out / STEP_CHECKPOINT
             with writing(path):
-                save_checkpoint(path, raw_model, optimizer, scaler, epoch, config.to_namespace(), rng_states, done_steps)
+                save_checkpoint(path, raw_model, optimizer, scaler, epoch, config.to_namespace(), rng_states,
+                                done_steps)
             with writing(log_dir):
                 writer.flush()
             result.last_checkpoint = path
@@ -366,8 +368,8 @@ def train(config: TrainConfig, info: distutil.DistInfo, device: torch.device, fi
                                         config.print_freq, info.world_size, writer, print_fn, clock, first_step,
                                         save_step)
             except ShardError as e:  # a shard that turned out bad when read: the checkpoints are intact
-                raise ShardError(f'{e} (stopped {resume_hint(epoch + 1, result.last_checkpoint or config.resume or None)})') \
-                    from None
+                hint = resume_hint(epoch + 1, result.last_checkpoint or config.resume or None)
+                raise ShardError(f'{e} (stopped {hint})') from None
             except OSError as e:  # TensorBoard's writer thread; a full or read-only disk is never a data read
                 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                     raise OutputError(log_dir, e) from e

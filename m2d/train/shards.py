@@ -332,7 +332,8 @@ class ShardDataset(Dataset):
 
     def __init__(self, shards: ShardSet, crop_frames: int, norm_stats: tuple[float, float], seed: int,
                  info: DistInfo, batch_size: int, cache: Optional[Path] = None):
-        self.shards, self.crop_frames, self.seed, self.info, self.batch_size = shards, crop_frames, seed, info, batch_size
+        self.shards, self.crop_frames, self.seed, self.info = shards, crop_frames, seed, info
+        self.batch_size = batch_size
         self.mean, self.std = (float(v) for v in norm_stats)
         self.cache, self.epoch = cache, 0
         self._files: Optional[ShardFiles] = None
