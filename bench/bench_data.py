@@ -210,8 +210,8 @@ def main() -> None:
                     rates[(clips, path, cache)] = r
                     growth = r['peak_rss_mb'] - r['baseline_rss_mb']
                     print(f'  {path:9s} {cache}: {r["samples_per_s"]:7.0f} samples/s wall, '
-                          f'{r["samples_per_cpu_s"]:7.0f} per CPU-second, peak RSS {r["peak_rss_mb"]:.0f} MB (+{growth:.0f} MB over the process '
-                          'before loading)')
+                          f'{r["samples_per_cpu_s"]:7.0f} per CPU-second, peak RSS {r["peak_rss_mb"]:.0f} MB '
+                          f'(+{growth:.0f} MB over the process before loading)')
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
