@@ -11,8 +11,8 @@ them (--dtype), then measures, each in a fresh process:
 - loader throughput of one process (one core): samples/s of batches of random crops, with the files
   in the page cache (warm) and after evicting them (posix_fadvise DONTNEED on every file: cold), and the
   process's peak RSS.
-Then: loader cores one GPU needs on each path, from M2D ViT-B's FLOPs per sample (counted) at an
-assumed share of a GPU's peak. Corpora go to --workdir and are deleted afterwards.
+Then: loader cores one GPU needs on each path (its samples/s over a loader's samples per CPU-second),
+from M2D ViT-B's FLOPs per sample (counted) at an assumed share of a GPU's peak. Corpora go to --workdir and are deleted afterwards.
 """
 import argparse
 import json
@@ -86,7 +86,7 @@ def child_startup(root: Path, path: str, crop: int) -> dict:
     return {'seconds': time.perf_counter() - start}
 
 
-def child_loader(root: Path, path: str, crop: int, samples: int, cold: bool) -> dict:
+def child_loader(root: Path, path: str, crop: int, samples: int) -> dict:
     """One process (num_workers 0) loading `samples` random crops: samples/s and peak RSS."""
     import torch
 
@@ -98,12 +98,6 @@ def child_loader(root: Path, path: str, crop: int, samples: int, cold: bool) -> 
     data = open_shards(str(root / 'shards'), 80) if path == 'shards' else read_file_list(root / 'files.csv')
     loader, start_of_epoch = make_loader(config(root, path, crop), DistInfo(), data, torch.device('cpu'))
     start_of_epoch(0)
-    if path == 'shards':  # checked once (as at a first start), outside the timing
-        for shard in range(len(data.counts)):
-            loader.dataset.files.handle(shard)
-        loader.dataset.files.close()
-    if cold:
-        evict(root)
     batches, samples = iter(loader), min(samples, len(loader) * BATCH)
     wall, cpu, n = time.perf_counter(), time.process_time(), 0
     while n < samples:
@@ -151,7 +145,8 @@ def fp16_deviation(frames: int, crop: int) -> None:
     for batch in (crops, crops.half().float()):
         torch.manual_seed(1)  # the same masks
         normalised = (batch + 7.1) / 4.2
-        losses.append(float(model(normalised, mask_ratio=0.7)[0]))
+        with torch.no_grad():
+            losses.append(float(model(normalised, mask_ratio=0.7)[0]))
     print(f'one M2D ViT-B step (batch 8, same weights and masks): loss {losses[0]:.6f} from float32, '
           f'{losses[1]:.6f} from float16 storage: difference {abs(losses[1] - losses[0]):.2e} '
           f'({abs(losses[1] - losses[0]) / losses[0]:.1e} relative)')
@@ -171,7 +166,7 @@ def main() -> None:
     if args.child:
         kind, root, path, crop, *rest = args.child
         result = child_startup(Path(root), path, int(crop)) if kind == 'startup' else \
-            child_loader(Path(root), path, int(crop), int(rest[0]), rest[1] == 'cold')
+            child_loader(Path(root), path, int(crop), int(rest[0]))
         print(json.dumps(result))
         return
     if args.fp16:
@@ -180,6 +175,7 @@ def main() -> None:
 
     from m2d.filelist import read_file_list
     from m2d.tools.pack import _NpyLoaderFactory, pack_folder
+    from m2d.train.shards import ShardFiles, open_shards
     print(f'load {os.getloadavg()[0]:.2f}; {args.frames}-frame clips, {args.crop}-frame crops, batch {BATCH}')
     rates = {}
     for clips in args.clips:
@@ -202,11 +198,17 @@ def main() -> None:
                 again = in_child('startup', str(root), path, str(args.crop))['seconds']
                 print(f'  {path:9s} start-up to the first batch: first start {first:.2f} s, '
                       f'repeated start {again:.2f} s')
+            shards = ShardFiles(open_shards(str(root / 'shards'), 80), root / 'cache')
+            for shard in range(len(shards.shards.counts)):  # checked (once, as by a first start): not timed below
+                shards.handle(shard)
+            shards.close()
             for cache in ('warm', 'cold'):
                 for path in ('published', 'shards'):
                     if cache == 'warm':  # read everything once: the page cache holds the corpus
                         subprocess.run(f'find {root} -type f -exec cat {{}} + > /dev/null', shell=True, check=True)
-                    r = in_child('loader', str(root), path, str(args.crop), str(args.samples), cache)
+                    else:
+                        evict(root)
+                    r = in_child('loader', str(root), path, str(args.crop), str(args.samples))
                     rates[(clips, path, cache)] = r
                     growth = r['peak_rss_mb'] - r['baseline_rss_mb']
                     print(f'  {path:9s} {cache}: {r["samples_per_s"]:7.0f} samples/s wall, '
@@ -221,7 +223,7 @@ def main() -> None:
     clips = args.clips[-1]
     for gpu, peak in GPUS.items():
         rate = peak * MFU / flops
-        need = {f'{path} {cache}': rate / rates[(clips, path, cache)]['samples_per_s']
+        need = {f'{path} {cache}': rate / rates[(clips, path, cache)]['samples_per_cpu_s']
                 for path in ('published', 'shards') for cache in ('warm', 'cold')}
         print(f'  {gpu}: {rate:.0f} samples/s -> loader cores: '
               + ', '.join(f'{k} {v:.1f}' for k, v in need.items()) + f' (at {clips} clips)')
