@@ -67,14 +67,17 @@ def url_of(location: str, name: str) -> str:
 
 @dataclass
 class ShardSet:
-    """A shard set's index (index.json of m2d pack) and where it lives; len() = its clips."""
+    """A shard set's index (index.json of m2d pack) and where it lives; len() = its clips. Each clip's offset
+    and frames are kept as arrays over the whole set (12 bytes a clip), not the index's lists."""
     location: str
     index: dict
 
     def __post_init__(self):
-        counts = [s['samples'] for s in self.index['shards']]
-        self.counts = np.array(counts, dtype=np.int64)
+        shards = self.index['shards']
+        self.counts = np.array([s['samples'] for s in shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        self.offsets = np.array([o for s in shards for o in s.pop('offsets')], dtype=np.int64)
+        self.frames = np.array([f for s in shards for f in s.pop('frames')], dtype=np.int32)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -87,10 +90,9 @@ class ShardSet:
     def norm_stats(self) -> list[float]:
         return [float(v) for v in self.index['norm_stats']]
 
-    def locate(self, sample: int) -> tuple[int, int]:
-        """Sample number -> (shard number, position in the shard)."""
-        shard = int(np.searchsorted(self.starts, sample, side='right')) - 1
-        return shard, sample - int(self.starts[shard])
+    def shard_of(self, sample: int) -> int:
+        """The shard that holds clip number `sample`."""
+        return int(np.searchsorted(self.starts, sample, side='right')) - 1
 
 
 def read_index(location: str) -> dict:
@@ -259,19 +261,19 @@ class ShardFiles:
 
     def clip(self, sample: int) -> np.ndarray:
         """Clip number `sample` of the set: (1, F, T) in its stored dtype."""
-        shard, position = self.shards.locate(sample)
+        shard = self.shards.shard_of(sample)
         record = self.record(shard)
-        dtype, frames = np.dtype(record['dtype']), record['frames'][position]
+        dtype, frames = np.dtype(record['dtype']), int(self.shards.frames[sample])
         size = record['n_mels'] * frames * dtype.itemsize
-        data = os.pread(self.handle(shard), size, record['offsets'][position])
+        data = os.pread(self.handle(shard), size, int(self.shards.offsets[sample]))
         if len(data) != size:
-            raise ShardError(f'{self.path(shard)}: truncated (clip {position} ends past the end of the file); '
+            raise ShardError(f'{self.path(shard)}: truncated (a clip ends past the end of the file); '
                              'pack it again or restore it, then --resume')
         return np.frombuffer(data, dtype).reshape(1, record['n_mels'], frames)
 
     def prefetch(self, shards: list[int]) -> None:
         """Remote sets: fetch these shards in a background thread unless one is still busy."""
-        if not self.shards.remote or (self.prefetching is not None and self.prefetching.is_alive()):
+        if self.prefetching is not None and self.prefetching.is_alive():
             return
         missing = [s for s in dict.fromkeys(shards) if not (self.fetched / self.record(s)['name']).is_file()]
         if missing:
@@ -363,8 +365,9 @@ class ShardDataset(Dataset):
     def __getitems__(self, batches: list[int]) -> list[torch.Tensor]:
         (batch,) = batches
         plan = self.plan()
-        upcoming = plan[batch + 1:batch + 1 + PREFETCH_BATCHES].ravel()
-        self.files.prefetch([self.shards.locate(int(s))[0] for s in upcoming[::max(1, self.batch_size // 4)]])
+        if self.shards.remote:
+            upcoming = plan[batch + 1:batch + 1 + PREFETCH_BATCHES].ravel()[::max(1, self.batch_size // 4)]
+            self.files.prefetch([self.shards.shard_of(int(s)) for s in upcoming])
         np.random.seed(crop_seed(self.seed, self.epoch, self.info.rank, batch))
         return [(torch.from_numpy(random_crop_of(self.files.clip(int(s)), self.crop_frames)) - self.mean) / self.std
                 for s in plan[batch]]
