@@ -274,3 +274,15 @@ def test_a_run_resumed_part_way_through_an_epoch_sees_the_same_samples_and_ends_
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     assert 'Resuming epoch 2 at step 2 of 3' in (run / 'console.txt').read_text()
     assert not (run / 'checkpoint-last.pth').exists()  # replaced by checkpoint-2.pth at the end
+
+
+def test_a_step_checkpoint_counts_as_the_latest_checkpoint_of_its_folder(tmp_path):
+    from m2d.errors import RunFolderError
+    from m2d.train.run_folder import check_ownership
+    (tmp_path / 'checkpoint-1.pth').write_bytes(b'x')
+    (tmp_path / 'checkpoint-last.pth').write_bytes(b'x')
+    with pytest.raises(RunFolderError, match='continue that run with --resume .*checkpoint-last.pth'):
+        check_ownership(tmp_path, None, overwrite=False)  # a new run would overwrite it
+    with pytest.raises(RunFolderError, match=r'later checkpoints than checkpoint-1.pth \(checkpoint-last.pth\)'):
+        check_ownership(tmp_path, tmp_path / 'checkpoint-1.pth', overwrite=False)
+    assert check_ownership(tmp_path, tmp_path / 'checkpoint-last.pth', overwrite=False) == []

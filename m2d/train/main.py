@@ -62,7 +62,15 @@ from m2d.train.data import (
 from m2d.train.engine import Precision, RunClock, Schedule, train_one_epoch
 from m2d.train.plots import save_loss_curve, save_mask_figure
 from m2d.train.resume import load_initial_weights, resume_from, resume_hint, rng_state, seed_everything
-from m2d.train.run_folder import check_ownership, in_use, move_aside, run_lock, truncate_log, unused_folder
+from m2d.train.run_folder import (
+    STEP_CHECKPOINT,
+    check_ownership,
+    in_use,
+    move_aside,
+    run_lock,
+    truncate_log,
+    unused_folder,
+)
 from m2d.train.shards import ShardSet, open_shards
 from util import dist as distutil
 from util.atomic import remove_stale_temp_files, save_atomic
@@ -70,7 +78,6 @@ from util.cpu import idle_cores, usable_cores
 from util.schedules import scaled_lr
 
 PrintFn = Callable[[str], None]
-STEP_CHECKPOINT = 'checkpoint-last.pth'  # --save_every_steps: the latest step checkpoint, replaced each time
 
 
 @dataclass
