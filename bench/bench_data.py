@@ -12,7 +12,8 @@ them (--dtype), then measures, each in a fresh process:
   in the page cache (warm) and after evicting them (posix_fadvise DONTNEED on every file: cold), and the
   process's peak RSS.
 Then: loader cores one GPU needs on each path (its samples/s over a loader's samples per CPU-second),
-from M2D ViT-B's FLOPs per sample (counted) at an assumed share of a GPU's peak. Corpora go to --workdir and are deleted afterwards.
+from M2D ViT-B's FLOPs per sample (counted) at an assumed share of a GPU's peak. Corpora go to --workdir
+and are deleted afterwards.
 """
 import argparse
 import json
@@ -159,6 +160,7 @@ def main() -> None:
     p.add_argument('--crop', type=int, default=64, help='crop frames (the published run: 608 of 1001)')
     p.add_argument('--samples', type=int, default=20_000, help='crops loaded per throughput measurement')
     p.add_argument('--workdir', default='/tmp/m2d_bench_data', help='where corpora are written (then deleted)')
+    p.add_argument('--shard_clips', type=int, default=1000, help='clips per shard (the same at every corpus size)')
     p.add_argument('--dtype', default='float32', choices=['float32', 'float16'], help='stored precision of the shards')
     p.add_argument('--fp16', action='store_true', help='only measure what float16 storage changes')
     p.add_argument('--child', nargs='+', help=argparse.SUPPRESS)
@@ -187,7 +189,7 @@ def main() -> None:
             written = time.perf_counter() - t
             t = time.perf_counter()
             pack_folder(read_file_list(root / 'files.csv'), root / 'shards', _NpyLoaderFactory(str(root)),
-                        dtype=args.dtype, shard_clips=max(100, min(1000, clips // 64)), progress=False)
+                        dtype=args.dtype, shard_clips=args.shard_clips, progress=False)
             packed = time.perf_counter() - t
             print(f'\n{clips} clips: .npy files written in {written:.0f} s, packed ({args.dtype}, 1 process) in '
                   f'{packed:.0f} s ({clips / packed:.0f} clips/s)')

@@ -78,12 +78,11 @@ def readers(root: Path) -> dict:
             yield crop(sample['npy'])
 
     def m2d_shards():
-        from m2d.train.data import random_crop_of
         from m2d.train.shards import ShardFiles, epoch_batches, open_shards
         shards = open_shards(str(root / 'wds'), F)
         files = ShardFiles(shards, root / 'cache')
         for sample in epoch_batches(shards.counts, 0, 0, 1, 0, 1).ravel():
-            yield random_crop_of(files.clip(int(sample)), CROP)
+            yield files.random_crop(int(sample), CROP)
 
     return {'published .npy': published, 'mosaicml-streaming': mosaic, 'litdata': litdata,
             'webdataset pipeline': webdataset_pipeline, 'm2d shards (webdataset tars)': m2d_shards}

@@ -286,3 +286,26 @@ def test_a_step_checkpoint_counts_as_the_latest_checkpoint_of_its_folder(tmp_pat
     with pytest.raises(RunFolderError, match=r'later checkpoints than checkpoint-1.pth \(checkpoint-last.pth\)'):
         check_ownership(tmp_path, tmp_path / 'checkpoint-1.pth', overwrite=False)
     assert check_ownership(tmp_path, tmp_path / 'checkpoint-last.pth', overwrite=False) == []
+
+
+def test_wav2lms_writes_shards_straight_from_audio(tmp_path):
+    import soundfile as sf
+
+    from m2d.audio.lms import LogMelSpectrogram
+    from m2d.tools.wav_to_lms import audio_to_lms
+    src = tmp_path / 'wav'
+    (src / 'sub').mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, seconds in [('a.wav', 0.5), ('sub/b.wav', 1.0), ('c.wav', 0.3)]:
+        sf.write(src / name, rng.uniform(-0.5, 0.5, int(16000 * seconds)).astype(np.float32), 16000)
+    (src / 'broken.wav').write_bytes(b'RIFF not audio')
+    out = tmp_path / 'shards'
+    assert m2d_main(['wav2lms', str(src), str(out), '--shards', '--workers', '1', '--shard_clips', '2']) == 0
+    shards = open_shards(str(out), 80)
+    assert len(shards) == 3 and shards.index['dtype'] == 'float32'
+    files, to_lms = ShardFiles(shards, tmp_path / 'cache'), LogMelSpectrogram()
+    for i, name in sources_by_position(out).items():
+        assert np.array_equal(files.clip(i), audio_to_lms(src / name, to_lms)[0]), name
+    failed = [f for r in shards.index['shards'] for f in json.loads((out / r['name'].replace('.tar', '.json')
+                                                                       ).read_text())['failed']]
+    assert [name for name, _ in failed] == ['broken.wav']

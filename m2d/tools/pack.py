@@ -5,7 +5,8 @@
     m2d train --shards data/shards_audioset ...                      # or an http(s)://, gs://, pipe: URL
 
 Shards are standard WebDataset tar files (`shard-000000.tar`; each clip a member `<position>.npy`, the
-(1, F, T) LMS as float32 or float16), readable by any WebDataset pipeline. index.json lists every shard
+(1, F, T) LMS as float32 or float16, in Fortran order: frame after frame, so that training reads a crop as
+one range of bytes), readable by any WebDataset pipeline. index.json lists every shard
 with its size, SHA-256, and each clip's byte offset and frame count, so training reads any clip by
 offset (memory-mapped) and checks a shard without opening the clips; it also holds the mean and std of
 every stored value (the normalisation stats training uses unless --norm_stats is given). Each shard's
@@ -101,7 +102,7 @@ class ShardWriter:
         self.count = 0
 
     def add(self, lms: np.ndarray, position: int) -> None:
-        stored = np.ascontiguousarray(lms, dtype=self.dtype)
+        stored = np.asfortranarray(lms, dtype=self.dtype)  # frame by frame: a crop is one range of bytes
         npy = io.BytesIO()
         np.save(npy, stored)
         header = npy.tell() - stored.nbytes

@@ -335,8 +335,9 @@ def pack_audio(src: str, dst: str, suffix: str, workers: Optional[int], min_leng
     if not listed[skip:]:
         print(f'error: no {suffix if names is None else "listed"} files found below {src}', file=sys.stderr)
         return 1
-    report = pack_folder(listed[skip:], dst, _AudioLoader(src, int(SAMPLE_RATE * min_length), max_seconds), 80,
-                         dtype, shard_clips, seed, usable_cores() if workers is None else workers, source=src)
+    with _torch_threads(torch.get_num_threads()):  # one worker loads in this process: its thread count is restored
+        report = pack_folder(listed[skip:], dst, _AudioLoader(src, int(SAMPLE_RATE * min_length), max_seconds), 80,
+                             dtype, shard_clips, seed, usable_cores() if workers is None else workers, source=src)
     print(report.summary(), file=sys.stderr)
     print(f'wrote {Path(dst) / INDEX_NAME}: train with --shards {dst}', file=sys.stderr)
     return 0

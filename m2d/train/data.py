@@ -204,9 +204,14 @@ def random_crop_of(lms: np.ndarray, crop_frames: int, tile: bool = False) -> np.
     or with tile=True repeated until they fill the crop."""
     if tile and lms.shape[-1] < crop_frames:
         lms = np.tile(lms, (1, 1, -(-crop_frames // lms.shape[-1])))
-    excess = lms.shape[-1] - crop_frames
-    start = np.random.randint(excess) if excess > 0 else 0
-    return crop_or_pad(lms, start, crop_frames)
+    return crop_or_pad(lms, crop_start(lms.shape[-1], crop_frames), crop_frames)
+
+
+def crop_start(frames: int, crop_frames: int) -> int:
+    """The first frame of a random crop of an LMS of `frames` frames, drawn as published: from numpy's global
+    RNG, np.random.randint(frames - crop_frames); 0 when the LMS is no longer than the crop."""
+    excess = frames - crop_frames
+    return np.random.randint(excess) if excess > 0 else 0
 
 
 class BackgroundNoise:

@@ -17,7 +17,8 @@ each block shuffled within windows of SHUFFLE_SHARDS shards. So every clip is se
 epoch, all but the remainder exactly once, each rank reads only its own shards, and the order depends on
 (seed, epoch, world size, batch size) only: not on the loader workers, so a run resumes mid-epoch
 exactly. Crops are drawn as published, np.random.randint(T - crop_frames) from numpy's global RNG, which
-is seeded for each batch from (seed, epoch, rank, batch), so a resumed run draws the same crops.
+is seeded for each batch from (seed, epoch, rank, batch), so a resumed run draws the same crops; only a
+crop's frames are read (the clips are stored frame by frame).
 """
 import contextlib
 import hashlib
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from m2d.errors import ShardError, UsageError
 from m2d.tools.pack import DTYPES, FORMAT, INDEX_NAME, VERSION
-from m2d.train.data import random_crop_of
+from m2d.train.data import crop_or_pad, crop_start
 from util.atomic import open_atomic
 from util.dist import DistInfo
 
@@ -113,9 +114,10 @@ def open_shards(location: str, n_mels: int) -> ShardSet:
     """The shard set at `location`, checked before training: its index, every shard's LMS shape and dtype,
     and for a local folder every shard's presence and size. ShardError names the first few bad shards."""
     index = read_index(location)
-    if index.get('format') != FORMAT or index.get('version') != VERSION:
-        raise UsageError(f'--shards {location}: {INDEX_NAME} is not a version-{VERSION} {FORMAT} index '
-                         f'(format {index.get("format")!r}, version {index.get("version")!r}); make it with m2d pack')
+    found = (index.get('format'), index.get('version')) if isinstance(index, dict) else (type(index).__name__, None)
+    if found != (FORMAT, VERSION):
+        raise UsageError(f'--shards {location}: {INDEX_NAME} is not a version-{VERSION} {FORMAT} index (format '
+                         f'{found[0]!r}, version {found[1]!r}); make it with m2d pack')
     problems = []
     for shard in index['shards']:
         why = None
@@ -259,17 +261,29 @@ class ShardFiles:
             os.close(self.handles.popitem(last=False)[1])
         return fd
 
-    def clip(self, sample: int) -> np.ndarray:
-        """Clip number `sample` of the set: (1, F, T) in its stored dtype."""
+    def read(self, sample: int, start: int, frames: int) -> np.ndarray:
+        """`frames` frames of clip number `sample` from frame `start`: (1, F, frames) in the stored dtype (a
+        view of the frames as stored, one after the other: the clips' Fortran order)."""
         shard = self.shards.shard_of(sample)
         record = self.record(shard)
-        dtype, frames = np.dtype(record['dtype']), int(self.shards.frames[sample])
-        size = record['n_mels'] * frames * dtype.itemsize
-        data = os.pread(self.handle(shard), size, int(self.shards.offsets[sample]))
+        dtype, n_mels = np.dtype(record['dtype']), record['n_mels']
+        size, frame_bytes = n_mels * frames * dtype.itemsize, n_mels * dtype.itemsize
+        data = os.pread(self.handle(shard), size, int(self.shards.offsets[sample]) + start * frame_bytes)
         if len(data) != size:
             raise ShardError(f'{self.path(shard)}: truncated (a clip ends past the end of the file); '
                              'pack it again or restore it, then --resume')
-        return np.frombuffer(data, dtype).reshape(1, record['n_mels'], frames)
+        return np.frombuffer(data, dtype).reshape(frames, n_mels).T[None]
+
+    def clip(self, sample: int) -> np.ndarray:
+        """Clip number `sample` of the set: (1, F, T) in its stored dtype."""
+        return self.read(sample, 0, int(self.shards.frames[sample]))
+
+    def random_crop(self, sample: int, crop_frames: int) -> np.ndarray:
+        """A random crop of clip number `sample` as random_crop_of draws it (its start from numpy's global RNG,
+        right zero-padding), reading only the crop's frames: (1, F, crop_frames) float32."""
+        frames = int(self.shards.frames[sample])
+        start = crop_start(frames, crop_frames)
+        return crop_or_pad(self.read(sample, start, min(crop_frames, frames)), 0, crop_frames)
 
     def prefetch(self, shards: list[int]) -> None:
         """Remote sets: fetch these shards in a background thread unless one is still busy."""
@@ -369,7 +383,7 @@ class ShardDataset(Dataset):
             upcoming = plan[batch + 1:batch + 1 + PREFETCH_BATCHES].ravel()[::max(1, self.batch_size // 4)]
             self.files.prefetch([self.shards.shard_of(int(s)) for s in upcoming])
         np.random.seed(crop_seed(self.seed, self.epoch, self.info.rank, batch))
-        return [(torch.from_numpy(random_crop_of(self.files.clip(int(s)), self.crop_frames)) - self.mean) / self.std
+        return [(torch.from_numpy(self.files.random_crop(int(s), self.crop_frames)) - self.mean) / self.std
                 for s in plan[batch]]
 
 
