@@ -76,8 +76,9 @@ def _recording_worker(rank: int, world_size: int, port: int, argv: list[str], ou
     (Path(out) / f'samples-{rank}.json').write_text(json.dumps(seen))
 
 
-def shard_argv(tmp_path: Path, run: Path) -> list[str]:
-    """24 clips in shards of 5, batch 4 on each of 2 ranks: 3 steps per epoch, no clip left over."""
+def shard_argv(tmp_path: Path, run: Path, url: bool = False) -> list[str]:
+    """24 clips in shards of 5, batch 4 on each of 2 ranks: 3 steps per epoch, no clip left over. url: the
+    shards as a file:// URL, which the processes fetch into their cache (as http(s):// or gs://)."""
     from m2d.cli import main as m2d_main
     data = make_lms_dataset(tmp_path / 'data', lengths=(150, 96, 60, 300) * 6, vis=0)
     shards = tmp_path / 'shards'
@@ -85,13 +86,14 @@ def shard_argv(tmp_path: Path, run: Path) -> list[str]:
                      '--shard_clips', '5']) == 0
     return ['--model', 'm2d_vit_tiny', '--depth', '1', '--decoder_depth', '1', '--input_size', '80x64',
             '--batch_size', '4', '--epochs', '2', '--warmup_epochs', '1', '--device', 'cpu', '--num_workers', '0',
-            '--shards', str(shards), '--shard_cache', str(tmp_path / 'cache'), '--output_dir', str(run),
+            '--shards', shards.resolve().as_uri() if url else str(shards), '--shard_cache', str(tmp_path / 'cache'),
+            '--output_dir', str(run),
             '--eval_scripts', str(tmp_path), '--print_freq', '1', '--threads', '1']
 
 
 def test_two_process_ddp_on_shards_sees_every_clip_once_per_epoch(tmp_path):
     import json
-    argv = shard_argv(tmp_path, tmp_path / 'run')
+    argv = shard_argv(tmp_path, tmp_path / 'run', url=True)
     mp.spawn(_recording_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
     seen = [json.loads((tmp_path / f'samples-{rank}.json').read_text()) for rank in range(2)]
     for epoch in ('0', '1'):
@@ -102,6 +104,7 @@ def test_two_process_ddp_on_shards_sees_every_clip_once_per_epoch(tmp_path):
     a, b = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    assert len(list((tmp_path / 'cache' / 'fetched').glob('*/shard-*.tar'))) == 5  # fetched once, shared
 
 
 def test_two_nodes_started_by_torchrun_train_on_shards(tmp_path):

@@ -247,14 +247,14 @@ def pack_folder(names: Sequence[str], out: PathLike, make_loader: Callable[[], C
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
     jobs = plan_jobs(list(names), out, n_mels, dtype, shard_clips, seed)
-    records: dict[int, dict] = {}
+    records: dict[str, dict] = {}  # shard name -> record
     todo = []
     for job in jobs:
         done = finished_record(out, job)
         if done is None:
             todo.append(job)
         else:
-            records[job.number] = done
+            records[done['name']] = done
     report = PackReport(reused=len(records))
     if progress:
         print(f'{source or "clips"} -> {out}: {len(names)} clips in {len(jobs)} shards of {shard_clips}; '
@@ -262,18 +262,18 @@ def pack_folder(names: Sequence[str], out: PathLike, make_loader: Callable[[], C
     with tqdm(total=len(todo), unit='shard', disable=not progress or not todo) as bar:
         try:
             for record in _run(todo, min(workers, max(1, len(todo))), make_loader):
-                records[int(record['name'][6:12])] = record
+                records[record['name']] = record
                 report.packed += 1
                 bar.update()
         except KeyboardInterrupt:
             raise Interrupted(f'{report.packed} of {len(todo)} shards packed, rerun the same command to continue') \
                 from None
         except OSError as e:
-            if e.errno in DISK_WIDE_ERRORS or e.errno is None:
+            if e.errno in DISK_WIDE_ERRORS:
                 raise OutputError(out, e, f'{report.packed} of {len(todo)} shards packed, rerun the same command to '
                                           'continue') from None
             raise
-    report.shards = [records[n] for n in sorted(records)]
+    report.shards = [records[shard_name(job.number)] for job in jobs]
     if not any(r['samples'] for r in report.shards):
         raise UsageError(f'no clip could be packed ({len(report.failed)} failed, e.g. '
                          f'{": ".join(report.failed[0]) if report.failed else "none listed"})')
