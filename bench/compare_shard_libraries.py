@@ -82,7 +82,7 @@ def readers(root: Path) -> dict:
         shards = open_shards(str(root / 'wds'), F)
         files = ShardFiles(shards, root / 'cache')
         for sample in epoch_batches(shards.counts, 0, 0, 1, 0, 1).ravel():
-            yield files.random_crop(int(sample), CROP)
+            yield files.read(int(sample), *files.crop(int(sample), CROP))
 
     return {'published .npy': published, 'mosaicml-streaming': mosaic, 'litdata': litdata,
             'webdataset pipeline': webdataset_pipeline, 'm2d shards (webdataset tars)': m2d_shards}

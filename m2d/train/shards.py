@@ -254,8 +254,6 @@ class ShardFiles:
         path = self.path(shard)
         self.check(shard, path)
         fd = os.open(path, os.O_RDONLY)
-        if hasattr(os, 'posix_fadvise'):  # read ahead the whole shard: its clips are all needed soon
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         self.handles[shard] = fd
         if len(self.handles) > OPEN_SHARDS:
             os.close(self.handles.popitem(last=False)[1])
@@ -278,12 +276,22 @@ class ShardFiles:
         """Clip number `sample` of the set: (1, F, T) in its stored dtype."""
         return self.read(sample, 0, int(self.shards.frames[sample]))
 
-    def random_crop(self, sample: int, crop_frames: int) -> np.ndarray:
-        """A random crop of clip number `sample` as random_crop_of draws it (its start from numpy's global RNG,
-        right zero-padding), reading only the crop's frames: (1, F, crop_frames) float32."""
+    def crop(self, sample: int, crop_frames: int) -> tuple[int, int]:
+        """(start, frames to read) of a random crop of clip number `sample`, drawn as random_crop_of draws it:
+        its start from numpy's global RNG; the frames to read are fewer than crop_frames in a shorter clip."""
         frames = int(self.shards.frames[sample])
-        start = crop_start(frames, crop_frames)
-        return crop_or_pad(self.read(sample, start, min(crop_frames, frames)), 0, crop_frames)
+        return crop_start(frames, crop_frames), min(crop_frames, frames)
+
+    def read_ahead(self, crops: list[tuple[int, int, int]]) -> None:
+        """Ask the kernel to read these (sample, start, frames) in the background (only what they need)."""
+        if not hasattr(os, 'posix_fadvise'):
+            return
+        for sample, start, frames in crops:
+            record = self.record(self.shards.shard_of(sample))
+            frame_bytes = record['n_mels'] * np.dtype(record['dtype']).itemsize
+            os.posix_fadvise(self.handle(self.shards.shard_of(sample)),
+                             int(self.shards.offsets[sample]) + start * frame_bytes, frames * frame_bytes,
+                             os.POSIX_FADV_WILLNEED)
 
     def prefetch(self, shards: list[int]) -> None:
         """Remote sets: fetch these shards in a background thread unless one is still busy."""
@@ -376,15 +384,22 @@ class ShardDataset(Dataset):
     def __getitem__(self, batch: int) -> torch.Tensor:
         return torch.stack(self.__getitems__([batch]))
 
+    def crops(self, batch: int) -> list[tuple[int, int, int]]:
+        """(sample, start, frames to read) of batch `batch`'s crops, numpy's global RNG seeded for the batch."""
+        np.random.seed(crop_seed(self.seed, self.epoch, self.info.rank, batch))
+        return [(int(s), *self.files.crop(int(s), self.crop_frames)) for s in self.plan()[batch]]
+
     def __getitems__(self, batches: list[int]) -> list[torch.Tensor]:
         (batch,) = batches
         plan = self.plan()
         if self.shards.remote:
             upcoming = plan[batch + 1:batch + 1 + PREFETCH_BATCHES].ravel()[::max(1, self.batch_size // 4)]
             self.files.prefetch([self.shards.shard_of(int(s)) for s in upcoming])
-        np.random.seed(crop_seed(self.seed, self.epoch, self.info.rank, batch))
-        return [(torch.from_numpy(self.files.random_crop(int(s), self.crop_frames)) - self.mean) / self.std
-                for s in plan[batch]]
+        crops = self.crops(batch)
+        if batch + 1 < len(plan):  # the next batch's crops (the same draws then): read while this one is made
+            self.files.read_ahead(self.crops(batch + 1))
+        return [(torch.from_numpy(crop_or_pad(self.files.read(*crop), 0, self.crop_frames)) - self.mean) / self.std
+                for crop in crops]
 
 
 def make_shard_loader(config: Any, info: DistInfo, shards: ShardSet, device: torch.device
