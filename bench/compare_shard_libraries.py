@@ -11,7 +11,8 @@ The candidates are not m2d's dependencies (mosaicml-streaming pins numpy<2.2), h
 layered over the project's. Writes --clips clips of (1, 80, 1001) as .npy files (float32, the published
 path) and, in float16, as MDS shards (mosaicml-streaming), litdata chunks, and WebDataset tars (m2d
 pack); then reads them all in a shuffled order, each reader in a fresh process, warm (in the page cache)
-and cold (evicted), and prints crops per second of wall time and of CPU time, and peak RSS.
+and cold (evicted), and prints crops per second of wall time and of CPU time, and peak RSS (the best of
+two runs). The RSS includes what each reader imports (torch for all but the .npy reader).
 """
 import argparse
 import json
@@ -52,7 +53,7 @@ def write(root: Path, clips: int) -> None:
     lit.done()
     lit.merge()
     pack_folder([f'{i:06d}.npy' for i in range(clips)], root / 'wds', lambda: npy_loader(root / 'npy'),
-                shard_clips=800, progress=False)
+                dtype='float16', shard_clips=800, progress=False)
 
 
 def readers(root: Path) -> dict:
@@ -131,9 +132,12 @@ def main() -> None:
         print(f'load {os.getloadavg()[0]:.2f}; {args.clips} clips of (1, {F}, {T}), {CROP}-frame crops, one process')
         for name in readers(root):
             for cache in ('warm', 'cold'):
-                done = subprocess.run([sys.executable, '-m', 'bench.compare_shard_libraries', '--child', str(root),
-                                       name, cache], capture_output=True, text=True, check=True)
-                r = json.loads(done.stdout.splitlines()[-1])
+                runs = []
+                for _ in range(2):  # the best of two: other jobs on the machine only slow a run
+                    done = subprocess.run([sys.executable, '-m', 'bench.compare_shard_libraries', '--child',
+                                           str(root), name, cache], capture_output=True, text=True, check=True)
+                    runs.append(json.loads(done.stdout.splitlines()[-1]))
+                r = max(runs, key=lambda run: run['per_cpu_s'])
                 print(f'{name:30s} {cache}: {r["per_s"]:6.0f} crops/s wall, {r["per_cpu_s"]:6.0f} per CPU-second, '
                       f'peak RSS {r["rss_mb"]:.0f} MB')
     finally:
