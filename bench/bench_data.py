@@ -11,8 +11,9 @@ them (--dtype), then measures, each in a fresh process:
 - loader throughput of one process (one core): samples/s of batches of random crops, with the files
   in the page cache (warm) and after evicting them (posix_fadvise DONTNEED on every file: cold), and the
   process's peak RSS; the best of --repeats runs (on a shared machine, other jobs only slow a run down).
-Then: loader cores one GPU needs on each path (its samples/s over a loader's samples per CPU-second),
-from M2D ViT-B's FLOPs per sample (counted) at an assumed share of a GPU's peak. Corpora go to --workdir
+Then: loader cores one GPU needs on each path (its samples/s over one loader process's samples/s, a
+process per core: waiting for the disk counts), from M2D ViT-B's FLOPs per sample (counted) at an assumed
+share of a GPU's peak. Corpora go to --workdir
 and are deleted afterwards.
 """
 import argparse
@@ -229,7 +230,7 @@ def main() -> None:
     clips = args.clips[-1]
     for gpu, peak in GPUS.items():
         rate = peak * MFU / flops
-        need = {f'{path} {cache}': rate / rates[(clips, path, cache)]['samples_per_cpu_s']
+        need = {f'{path} {cache}': rate / rates[(clips, path, cache)]['samples_per_s']
                 for path in ('published', 'shards') for cache in ('warm', 'cold')}
         print(f'  {gpu}: {rate:.0f} samples/s -> loader cores: '
               + ', '.join(f'{k} {v:.1f}' for k, v in need.items()) + f' (at {clips} clips)')
