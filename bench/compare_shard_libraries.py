@@ -79,11 +79,12 @@ def readers(root: Path) -> dict:
             yield crop(sample['npy'])
 
     def m2d_shards():
+        from m2d.train.data import crop_or_pad
         from m2d.train.shards import ShardFiles, epoch_batches, open_shards
         shards = open_shards(str(root / 'wds'), F)
         files = ShardFiles(shards, root / 'cache')
         for sample in epoch_batches(shards.counts, 0, 0, 1, 0, 1).ravel():
-            yield files.read(int(sample), *files.crop(int(sample), CROP))
+            yield crop_or_pad(files.read(int(sample), *files.crop(int(sample), CROP)), 0, CROP)  # float32, like crop()
 
     return {'published .npy': published, 'mosaicml-streaming': mosaic, 'litdata': litdata,
             'webdataset pipeline': webdataset_pipeline, 'm2d shards (webdataset tars)': m2d_shards}
