@@ -309,3 +309,19 @@ def test_wav2lms_writes_shards_straight_from_audio(tmp_path):
     failed = [f for r in shards.index['shards'] for f in json.loads((out / r['name'].replace('.tar', '.json')
                                                                        ).read_text())['failed']]
     assert [name for name, _ in failed] == ['broken.wav']
+
+
+def test_a_limited_cache_keeps_the_recently_used_shards_and_fetches_evicted_ones_again(tmp_path):
+    data = make_lms_dataset(tmp_path / 'data', vis=0)
+    out = pack(data, tmp_path / 'shards', '--dtype', 'float32')
+    shards = open_shards(out.resolve().as_uri(), 80)
+    size = max(r['bytes'] for r in shards.index['shards'])
+    files = ShardFiles(shards, tmp_path / 'cache', cache_limit=2 * size)
+    names = sources_by_position(out)
+    for i in (0, 5, 1, 10):  # shards 0, 1, 0 again (the most recently used now), 2: shard 1 goes
+        assert np.array_equal(files.clip(i), np.load(data / names[i]))
+    assert sorted(p.name for p in files.fetched.glob('*.tar')) == ['shard-000000.tar', 'shard-000002.tar']
+    assert np.array_equal(files.clip(6), np.load(data / names[6]))  # this process still has it open
+    other = ShardFiles(shards, tmp_path / 'cache', cache_limit=2 * size)  # another process: fetches it again
+    assert np.array_equal(other.clip(6), np.load(data / names[6]))
+    assert sorted(p.name for p in files.fetched.glob('*.tar')) == ['shard-000001.tar', 'shard-000002.tar']

@@ -139,6 +139,9 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     p.add_argument('--shard_cache', default='', type=str,
                    help='folder for shards fetched from a URL and the marks of checked shards (default: '
                         '~/.cache/m2d/shards)')
+    p.add_argument('--shard_cache_gb', default=0.0, type=float,
+                   help='keep at most this many GB of fetched shards in --shard_cache, the least recently used '
+                        'going first (0 = no limit)')
     add_norm_stats_argument(p, help='mean and std of the LMS (default: measured on 10,000 random crops at start)')
     p.add_argument('--skip_missing', action='store_true',
                    help='drop missing, corrupt or NaN/inf-holding files instead of failing')
@@ -296,7 +299,7 @@ SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{k: (lambda v: v is None or (_is_int(v) and v >= 0), 'a whole number of 0 or more')
        for k in ('num_workers', 'threads', 'mask_span', 'save_every_steps')},
     **{k: (lambda v: _is_number(v) and v >= 0, 'a finite number of 0 or more')
-       for k in ('blr', 'min_lr', 'warmup_epochs', 'weight_decay', 'clip_grad')},
+       for k in ('blr', 'min_lr', 'warmup_epochs', 'weight_decay', 'clip_grad', 'shard_cache_gb')},
     **{k: (lambda v: _is_number(v) and 0 <= v <= 1, 'a number from 0 to 1') for k in ('ema_decay_init', 'ema_decay')},
     'lr': (lambda v: v is None or (_is_number(v) and v >= 0), 'a finite number of 0 or more'),
     'seed': (_is_int, 'a whole number'),

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,11 +160,12 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 class ShardFiles:
-    """This process's access to the shards of a set: local paths (fetching remote ones into the cache),
-    checked once, read by offset with a few file handles kept open."""
+    """This process's access to the shards of a set: local paths (fetching remote ones into the cache, at
+    most cache_limit bytes of them when given: the least recently used go first), checked once, read by
+    offset with a few file handles kept open."""
 
-    def __init__(self, shards: ShardSet, cache: Optional[Path] = None):
-        self.shards = shards
+    def __init__(self, shards: ShardSet, cache: Optional[Path] = None, cache_limit: int = 0):
+        self.shards, self.cache_limit = shards, cache_limit
         self.cache = Path(cache) if cache else default_cache()
         where = hashlib.sha1(shards.location.encode()).hexdigest()[:16]
         self.fetched = self.cache / 'fetched' / where
@@ -202,58 +204,96 @@ class ShardFiles:
             raise
         except Exception as e:
             raise ShardError(f'{url}: cannot fetch it ({type(e).__name__}: {e})') from None
-        self.remember(shard, path)
+        self.remember(shard, path, path.stat())
+        if self.cache_limit:
+            self.evict(keep=path)
+
+    def evict(self, keep: Path) -> None:
+        """Delete fetched shards, least recently used first, until they fit the cache limit (never `keep`).
+        A shard another process has open stays readable to it; one needed again is fetched again."""
+        cached = []
+        for path in self.fetched.glob('*.tar'):
+            with contextlib.suppress(FileNotFoundError):  # another process's eviction
+                stat = path.stat()
+                cached.append((stat.st_atime_ns, stat.st_size, path))
+        total = sum(size for _, size, _ in cached)
+        for _, size, path in sorted(cached):
+            if total <= self.cache_limit:
+                break
+            if path != keep:
+                path.unlink(missing_ok=True)
+                total -= size
 
     def _marker(self, shard: int, path: Path) -> Path:
         where = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
         return self.markers / f'{self.record(shard)["sha256"]}-{where}'
 
-    def remember(self, shard: int, path: Path) -> None:
-        """Mark `path` as checked for as long as its size and modification time stay (best effort)."""
-        stat = path.stat()
+    def remember(self, shard: int, path: Path, stat: os.stat_result) -> None:
+        """Mark `path` (whose stat is `stat`) as checked for as long as its size and modification time stay
+        (best effort)."""
         with contextlib.suppress(OSError), open_atomic(self._marker(shard, path), 'w') as f:
             f.write(f'{stat.st_size} {stat.st_mtime_ns}')
 
-    def checked(self, shard: int, path: Path) -> bool:
-        stat = path.stat()
+    def checked(self, shard: int, path: Path, fd: int) -> bool:
+        stat = os.fstat(fd)
         try:
             return self._marker(shard, path).read_text() == f'{stat.st_size} {stat.st_mtime_ns}'
         except OSError:
             return False
 
-    def check(self, shard: int, path: Path) -> None:
-        """Size and SHA-256 of a shard file against the index, unless checked before; ShardError if wrong."""
+    def check(self, shard: int, path: Path, fd: int) -> None:
+        """Size and SHA-256 of an open shard file against the index, unless checked before; ShardError if wrong."""
         record = self.record(shard)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise ShardError(f'{path}: missing (it was there when training started); restore it and --resume') from None
+        size = os.fstat(fd).st_size
         if size != record['bytes']:
             raise ShardError(f'{path}: truncated or replaced ({size} bytes, the index says {record["bytes"]}); '
                              'pack it again or restore it, then --resume')
-        if self.checked(shard, path):
+        if self.checked(shard, path, fd):
             return
         with _locked(self._marker(shard, path)):
-            if self.checked(shard, path):
+            if self.checked(shard, path, fd):
                 return
             digest = hashlib.sha256()
-            with open(path, 'rb') as f:  # a sequential read, which also brings the shard into the page cache
+            with open(fd, 'rb', closefd=False) as f:  # a sequential read, which also fills the page cache
                 while chunk := f.read(READ_CHUNK):
                     digest.update(chunk)
             if digest.hexdigest() != record['sha256']:
                 raise ShardError(f'{path}: checksum mismatch (SHA-256 {digest.hexdigest()[:12]}..., the index says '
                                  f'{record["sha256"][:12]}...): corrupt or replaced; pack it again or restore it, '
                                  'then --resume')
-            self.remember(shard, path)
+            self.remember(shard, path, os.fstat(fd))
+
+    def open(self, shard: int) -> tuple[Path, int]:
+        """(path, open file descriptor) of shard `shard`; a fetched shard another process evicted meanwhile
+        is fetched again."""
+        path = self.path(shard)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            if not self.shards.remote:
+                raise ShardError(f'{path}: missing (it was there when training started); restore it and '
+                                 '--resume') from None
+            path = self.path(shard)
+            fd = os.open(path, os.O_RDONLY)
+        return path, fd
+
+    def used(self, fd: int) -> None:
+        """Mark a fetched shard as just used (its access time), for the cache's eviction."""
+        os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))  # its modification time keys its mark
 
     def handle(self, shard: int) -> int:
         """An open file descriptor of shard `shard`, checked on first use in this process."""
         if shard in self.handles:
             self.handles.move_to_end(shard)
+            if self.cache_limit and self.shards.remote:
+                self.used(self.handles[shard])
             return self.handles[shard]
-        path = self.path(shard)
-        self.check(shard, path)
-        fd = os.open(path, os.O_RDONLY)
+        path, fd = self.open(shard)
+        try:
+            self.check(shard, path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
         self.handles[shard] = fd
         if len(self.handles) > OPEN_SHARDS:
             os.close(self.handles.popitem(last=False)[1])
@@ -355,18 +395,18 @@ class ShardDataset(Dataset):
     epoch_batches): a DataLoader fetches one batch per __getitems__([number])."""
 
     def __init__(self, shards: ShardSet, crop_frames: int, norm_stats: tuple[float, float], seed: int,
-                 info: DistInfo, batch_size: int, cache: Optional[Path] = None):
+                 info: DistInfo, batch_size: int, cache: Optional[Path] = None, cache_limit: int = 0):
         self.shards, self.crop_frames, self.seed, self.info = shards, crop_frames, seed, info
         self.batch_size = batch_size
         self.mean, self.std = (float(v) for v in norm_stats)
-        self.cache, self.epoch = cache, 0
+        self.cache, self.cache_limit, self.epoch = cache, cache_limit, 0
         self._files: Optional[ShardFiles] = None
         self._plan: tuple[int, Optional[np.ndarray]] = (-1, None)
 
     @property
     def files(self) -> ShardFiles:  # opened in each process that reads (DataLoader workers)
         if self._files is None:
-            self._files = ShardFiles(self.shards, self.cache)
+            self._files = ShardFiles(self.shards, self.cache, self.cache_limit)
         return self._files
 
     def plan(self) -> np.ndarray:
@@ -407,7 +447,8 @@ def make_shard_loader(config: Any, info: DistInfo, shards: ShardSet, device: tor
     """The DataLoader of a run on shards and start_of_epoch(epoch, first_step). The loader draws nothing
     from torch's global RNG (its own generator), so the masks of a resumed run are those it would have drawn."""
     dataset = ShardDataset(shards, config.input_size[1], config.norm_stats, config.seed, info, config.batch_size,
-                           Path(config.shard_cache) if config.shard_cache else None)
+                           Path(config.shard_cache) if config.shard_cache else None,
+                           int(getattr(config, 'shard_cache_gb', 0) * 1e9))
     batches = BatchNumbers(dataset.n_batches())
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers,
                         pin_memory=config.pin_mem and device.type == 'cuda', generator=torch.Generator(),
