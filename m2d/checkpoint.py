@@ -105,13 +105,15 @@ def model_state(model: nn.Module, norm_stats: Optional[Any]) -> dict[str, torch.
     return state
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, args, rng_states) -> Path:
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int, args, rng_states,
+                    step: int = 0) -> Path:
     """checkpoint-N.pth: model (full state dict, EMA target included, with args.norm_stats), optimizer,
     epoch (= epochs done; the sampler epoch follows from it), scaler, args, and every rank's RNG states
-    for an exact resume."""
-    return save_atomic({'model': model_state(model, getattr(args, 'norm_stats', None)),
-                        'optimizer': optimizer.state_dict(), 'epoch': epoch, 'scaler': scaler.state_dict(),
-                        'args': args, 'rng': rng_states}, path)
+    for an exact resume. step > 0 (checkpoint-last.pth, saved part-way through an epoch): the steps of
+    epoch `epoch` + 1 done."""
+    state = {'model': model_state(model, getattr(args, 'norm_stats', None)), 'optimizer': optimizer.state_dict(),
+             'epoch': epoch, 'scaler': scaler.state_dict(), 'args': args, 'rng': rng_states}
+    return save_atomic({**state, 'step': step} if step else state, path)
 
 
 def check_norm_stats(values: Any, what: str) -> tuple[float, float]:

@@ -69,3 +69,14 @@ class NonFiniteLossError(M2DError, RuntimeError):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, carrying a line that says what was done and how to continue (still a KeyboardInterrupt)."""
+
+
+class ShardError(UsageError):
+    """A shard (m2d pack) that is missing, truncated, corrupt or of another LMS shape: one line naming it.
+
+    Raised in a DataLoader worker, it reaches the training process as this type with the worker's
+    traceback as its text (torch's re-raise): only the last line, the original message, is kept."""
+
+    def __init__(self, message: str):
+        last = message.strip().splitlines()[-1] if message.strip() else message
+        super().__init__(last.split('ShardError: ', 1)[-1])

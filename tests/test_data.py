@@ -186,3 +186,36 @@ def test_dataset_with_background_noise(lms_data):
     assert a.shape == c.shape == (1, 80, 64)
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
+
+
+def test_checked_files_are_remembered_and_only_changes_read_again(tmp_path, monkeypatch):
+    import os
+
+    import m2d.train.data as data
+    for i in range(4):
+        write_npy(tmp_path / f'{i}.npy', 50, seed=i)
+    files = [f'{i}.npy' for i in range(4)]
+    memory = data.checked_list_path(tmp_path / 'files.csv')
+    read = []
+    real = data._file_problem
+    monkeypatch.setattr(data, '_file_problem', lambda path, n_mels: read.append(path.name) or real(path, n_mels))
+    assert check_files(files, tmp_path, 80, remember=memory) == files
+    assert sorted(read) == files and memory.name == '.files.csv.checked.npz'
+    read.clear()
+    assert check_files(files, tmp_path, 80, remember=memory) == files
+    assert read == []  # a repeated or resumed start reads nothing unchanged
+    x = write_npy(tmp_path / '2.npy', 50, seed=9)
+    x[0, 0, 0] = np.nan
+    np.save(tmp_path / '2.npy', x)
+    os.utime(tmp_path / '2.npy', ns=(1, 1))  # changed: its size and time differ from what was checked
+    with pytest.raises(ValueError, match='2.npy: holds 1 NaN/inf'):
+        check_files(files, tmp_path, 80, remember=memory)
+    assert read == ['2.npy']
+    read.clear()
+    with pytest.raises(ValueError, match='2.npy: holds 1 NaN/inf'):  # a bad file is never remembered as good
+        check_files(files, tmp_path, 80, remember=memory)
+    assert read == ['2.npy']
+    read.clear()
+    with pytest.raises(ValueError, match='4 of 4 files'):  # another n_mels: every file is read again
+        check_files(files, tmp_path, 40, remember=memory)
+    assert sorted(read) == files

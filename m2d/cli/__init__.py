@@ -16,6 +16,7 @@ from m2d.cli.common import ArgumentParser, run_tool
 COMMANDS = {
     'wav2lms': ('m2d.tools.wav_to_lms', 'convert audio files to log-mel spectrogram .npy files for pre-training '
                                   '(as wav_to_lms.py)'),
+    'pack': ('m2d.tools.pack', 'pack a pre-training CSV of LMS .npy files into shards for training at scale'),
     'train': ('m2d.cli.train', 'pre-train M2D on log-mel spectrogram files (as train_audio.py)'),
     'encode': ('m2d.tools.encode', 'encode audio files into M2D embeddings (.npy)'),
     'eval': ('m2d.eval.__main__', 'linear evaluation, fine-tuning, suites and summaries (as python -m m2d.eval)'),

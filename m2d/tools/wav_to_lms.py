@@ -35,6 +35,7 @@ from m2d.cli.common import describe_interrupt
 from m2d.errors import AudioReadError, Interrupted, OutputError, UsageError, write_error_reason
 from m2d.filelist import leaves_folder, read_file_list
 from m2d.outputs import DISK_WIDE_ERRORS, check_writable, writing
+from m2d.tools.pack import INDEX_NAME, SHARD_CLIPS, ClipLoader, add_shard_arguments, pack_folder
 from util.atomic import open_atomic, remove_stale_temp_files, save_npy_atomic
 from util.cpu import usable_cores
 
@@ -78,14 +79,11 @@ def list_sources(src: PathLike, suffix: str = '.wav') -> list[Path]:
     return sorted(p for p in Path(src).rglob(f'*{suffix}') if p.is_file())
 
 
-def convert_file(src_file: PathLike, dst_file: PathLike, to_lms: LogMelSpectrogram, min_samples: int = 0,
-                 max_seconds: Optional[float] = None) -> int:
-    """Audio file -> float32 (1, 80, T) .npy, written atomically. Returns the 16 kHz sample count.
-
-    Audio shorter than `min_samples` is right-padded with zeros (silence) first. Raises
-    AudioReadError naming the file when it cannot be read, is longer than `max_seconds` or too short
-    for one STFT frame, and OSError when the output cannot be written.
-    """
+def audio_to_lms(src_file: PathLike, to_lms: LogMelSpectrogram, min_samples: int = 0,
+                 max_seconds: Optional[float] = None) -> tuple[np.ndarray, int]:
+    """Audio file -> (float32 LMS (1, 80, T), its 16 kHz sample count). Audio shorter than `min_samples` is
+    right-padded with zeros (silence) first. Raises AudioReadError naming the file when it cannot be read, is
+    longer than `max_seconds` or too short for one STFT frame."""
     wav = load_audio(src_file, SAMPLE_RATE, max_seconds)
     if wav.shape[0] < min_samples:
         wav = np.pad(wav, (0, min_samples - wav.shape[0]))
@@ -94,9 +92,16 @@ def convert_file(src_file: PathLike, dst_file: PathLike, to_lms: LogMelSpectrogr
         raise AudioReadError(f'{src_file}: {wav.shape[0]} samples at {SAMPLE_RATE} Hz is too short for one '
                              f'frame (needs {shortest}); pad short clips with --min_length')
     with torch.inference_mode():
-        lms = to_lms(torch.from_numpy(wav)[None])  # [1, 80, T]
-    save_npy_atomic(lms.numpy(), dst_file)
-    return wav.shape[0]
+        return to_lms(torch.from_numpy(wav)[None]).numpy(), wav.shape[0]  # [1, 80, T]
+
+
+def convert_file(src_file: PathLike, dst_file: PathLike, to_lms: LogMelSpectrogram, min_samples: int = 0,
+                 max_seconds: Optional[float] = None) -> int:
+    """Audio file -> float32 (1, 80, T) .npy, written atomically (see audio_to_lms). Returns the 16 kHz
+    sample count. Raises AudioReadError for unreadable audio and OSError when the output cannot be written."""
+    lms, samples = audio_to_lms(src_file, to_lms, min_samples, max_seconds)
+    save_npy_atomic(lms, dst_file)
+    return samples
 
 
 def _init_worker() -> None:
@@ -264,8 +269,10 @@ def write_file_list(lms_dirs: Union[PathLike, Sequence[PathLike]], csv_path: Pat
 
 def main(src: str, dst: str, suffix: str = '.wav', workers: Optional[int] = None, csv: Optional[str] = None,
          data_path: str = 'data', min_length: float = 0.0, verbose: bool = False, files: Optional[str] = None,
-         skip: int = 0, max_seconds: float = MAX_SECONDS) -> int:
-    """Convert audio below SRC (or the files a list names) to LMS .npy files below DST; see add_arguments.
+         skip: int = 0, max_seconds: float = MAX_SECONDS, shards: bool = False, dtype: str = 'float32',
+         shard_clips: int = SHARD_CLIPS, seed: int = 0) -> int:
+    """Convert audio below SRC (or the files a list names) to LMS .npy files below DST (with shards=True,
+    into a shard set at DST, as m2d pack makes); see add_arguments.
 
     Returns the exit status: 0, or 1 when DST ends up with no output for any source file (no inputs,
     or all failed). Raises UsageError for bad arguments, a bad list or an unwritable output, before
@@ -273,6 +280,11 @@ def main(src: str, dst: str, suffix: str = '.wav', workers: Optional[int] = None
     converting; Interrupted on Ctrl-C.
     """
     src, dst = str(src), str(dst)
+    if shards:
+        if csv is not None:
+            raise UsageError('--csv lists .npy files; a shard set lists its clips in DST/index.json (drop --csv)')
+        names = None if files is None else read_file_list(files, 'file list', 'SRC')
+        return pack_audio(src, dst, suffix, workers, min_length, names, skip, max_seconds, dtype, shard_clips, seed)
     try:
         names = None if files is None else read_file_list(files, 'file list', 'SRC')
         check_writable(dst, folder=True)
@@ -297,6 +309,40 @@ def main(src: str, dst: str, suffix: str = '.wav', workers: Optional[int] = None
     return 0
 
 
+@dataclass
+class _AudioLoader:
+    """Picklable make_loader of m2d.tools.pack: audio files below `src` -> LMS, one torch thread per worker."""
+    src: str
+    min_samples: int
+    max_seconds: float
+
+    def __call__(self) -> ClipLoader:
+        torch.set_num_threads(1)  # one process per core
+        to_lms = LogMelSpectrogram()
+        return lambda name: audio_to_lms(Path(self.src) / name, to_lms, self.min_samples, self.max_seconds)[0]
+
+
+def pack_audio(src: str, dst: str, suffix: str, workers: Optional[int], min_length: float,
+               names: Optional[list[str]], skip: int, max_seconds: float, dtype: str, shard_clips: int,
+               seed: int) -> int:
+    """`wav2lms --shards`: audio below SRC (or the listed files) -> a shard set at DST (m2d.tools.pack)."""
+    if not Path(src).is_dir():
+        raise UsageError(f'source folder not found: {src}')
+    check_max_seconds(max_seconds)
+    if min_length < 0 or skip < 0:
+        raise UsageError(f'--min_length and --skip must be >= 0, got {min_length} and {skip}')
+    listed = [p.relative_to(src).as_posix() for p in list_sources(src, suffix)] if names is None else sorted(set(names))
+    if not listed[skip:]:
+        print(f'error: no {suffix if names is None else "listed"} files found below {src}', file=sys.stderr)
+        return 1
+    with _torch_threads(torch.get_num_threads()):  # one worker loads in this process: its thread count is restored
+        report = pack_folder(listed[skip:], dst, _AudioLoader(src, int(SAMPLE_RATE * min_length), max_seconds), 80,
+                             dtype, shard_clips, seed, usable_cores() if workers is None else workers, source=src)
+    print(report.summary(), file=sys.stderr)
+    print(f'wrote {Path(dst) / INDEX_NAME}: train with --shards {dst}', file=sys.stderr)
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('src', metavar='SRC', help='source folder, searched recursively for --suffix files')
     parser.add_argument('dst', metavar='DST', help='destination folder: SRC/a/b.wav becomes DST/a/b.npy')
@@ -316,6 +362,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--skip', type=int, default=0, help='leave out the first N source files (sorted)')
     add_max_seconds_argument(parser)
     parser.add_argument('--verbose', action='store_true', help='print every converted file with its shape')
+    parser.add_argument('--shards', action='store_true',
+                        help='write DST as a shard set for training at scale (as m2d pack makes; no .npy files): '
+                             'see docs/data-at-scale.md')
+    add_shard_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -86,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     p.add_argument('--eval_after', default=100, type=int,
                    help='evaluate checkpoints from this epoch on (quick_eval.sh, or the built-in quick suite)')
     p.add_argument('--save_freq', default=100, type=int, help='save a checkpoint every N epochs (and at the end)')
+    p.add_argument('--save_every_steps', default=0, type=int,
+                   help='also save checkpoint-last.pth every N steps within an epoch, which --resume continues from '
+                        'at that step (0 = off); exact on --shards (docs/data-at-scale.md)')
     p.add_argument('--stop_at', default=-1, type=int, help='stop after this epoch, keeping the --epochs schedules '
                                                            '(-1: run all --epochs)')
     p.add_argument('--print_freq', default=20, type=int, help='progress line every N steps')
@@ -134,6 +137,15 @@ def add_arguments(p: argparse.ArgumentParser, mae: bool = False) -> None:
     # Data.
     p.add_argument('--data_path', default='data', type=str, help='folder the CSV paths are relative to')
     p.add_argument('--dataset', default='data/files_audioset.csv', type=str, help="CSV with a 'file_name' column")
+    p.add_argument('--shards', default='', type=str,
+                   help='train from the shard set of m2d pack at this folder or URL instead of --dataset '
+                        '(docs/data-at-scale.md) (default: none, the --dataset files)')
+    p.add_argument('--shard_cache', default='', type=str,
+                   help='folder for shards fetched from a URL and the marks of checked shards (default: '
+                        '~/.cache/m2d/shards)')
+    p.add_argument('--shard_cache_gb', default=0.0, type=float,
+                   help='keep at most this many GB of fetched shards in --shard_cache, the least recently used '
+                        'going first (0 = no limit)')
     add_norm_stats_argument(p, help='mean and std of the LMS (default: measured on 10,000 random crops at start)')
     p.add_argument('--skip_missing', action='store_true',
                    help='drop missing, corrupt or NaN/inf-holding files instead of failing (without it: fail, '
@@ -196,10 +208,10 @@ RESUMED_ARGS = ('model', 'depth', 'decoder_depth', 'input_size', 'patch_size', '
                 'mask_span_share', 'norm_pix_loss', 'ema_decay_init', 'ema_decay', 'loss_fn', 'target_layers',
                 'optim', 'weight_decay', 'clip_grad', 'lr', 'blr', 'min_lr', 'warmup_epochs', 'epochs',
                 'batch_size', 'accum_iter', 'norm_stats', 'noise_ratio', 'seed', 'save_freq', 'amp',
-                'published_data')
+                'published_data', 'save_every_steps')
 
 # Stored settings a user might expect a resume to carry on; a note names those that differ.
-NOTED_IF_NOT_RESUMED = ('data_path', 'dataset', 'csv_bg_noise', 'skip_missing', 'log_dir', 'eval_scripts',
+NOTED_IF_NOT_RESUMED = ('data_path', 'dataset', 'shards', 'csv_bg_noise', 'skip_missing', 'log_dir', 'eval_scripts',
                         'eval_after', 'device', 'compile', 'fast')
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> set[str]:
@@ -294,9 +306,9 @@ SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{k: (lambda v: v is None or (_is_int(v) and 0 <= v <= MAX_BLOCKS), f'a whole number from 0 to {MAX_BLOCKS}')
        for k in ('depth', 'decoder_depth')},
     **{k: (lambda v: v is None or (_is_int(v) and v >= 0), 'a whole number of 0 or more')
-       for k in ('num_workers', 'threads', 'mask_span')},
+       for k in ('num_workers', 'threads', 'mask_span', 'save_every_steps')},
     **{k: (lambda v: _is_number(v) and v >= 0, 'a finite number of 0 or more')
-       for k in ('blr', 'min_lr', 'warmup_epochs', 'weight_decay', 'clip_grad')},
+       for k in ('blr', 'min_lr', 'warmup_epochs', 'weight_decay', 'clip_grad', 'shard_cache_gb')},
     **{k: (lambda v: _is_number(v) and 0 <= v <= 1, 'a number from 0 to 1') for k in ('ema_decay_init', 'ema_decay')},
     'lr': (lambda v: v is None or (_is_number(v) and v >= 0), 'a finite number of 0 or more'),
     'seed': (_is_int, 'a whole number'),
@@ -341,6 +353,8 @@ def validate_args(args: argparse.Namespace) -> None:
     check_settings(vars(args))
     if args.resume and args.init_from:
         raise UsageError('give either --resume (continue a run) or --init_from (start a new run from its weights)')
+    if getattr(args, 'shards', '') and (args.published_data or args.noise_ratio > 0):
+        raise UsageError('--shards works without --published_data and --noise_ratio (both read --dataset files)')
 
 def is_m2d(model_name: str) -> bool:
     return model_name.startswith('m2d')

@@ -5,9 +5,11 @@ The CSV has a `file_name` column with paths relative to the data folder; each fi
 file is shorter), normalised with dataset statistics: (x - mean) / std.
 """
 import argparse
+import itertools
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -16,7 +18,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from m2d.audio.lms import RunningMeanStd
 from m2d.errors import UsageError
 from m2d.filelist import PathLike, read_file_list
+from util.atomic import open_atomic
 from util.dist import DistInfo
+
+if TYPE_CHECKING:
+    from m2d.train.shards import ShardSet
 
 NORM_STATS_CROPS = 10_000  # crops drawn to estimate the normalisation statistics
 EPS = float(np.finfo(np.float32).eps)
@@ -46,16 +52,63 @@ def _file_problem(path: Path, n_mels: int) -> Optional[str]:
     return None
 
 
+def checked_list_path(file_list: PathLike) -> Path:
+    """Where check_files remembers the files of a list it found usable: `.NAME.checked.npz` beside it."""
+    file_list = Path(file_list)
+    return file_list.parent / f'.{file_list.name}.checked.npz'
+
+
+def _stat(path: Path) -> Optional[tuple[int, int]]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _load_checked(path: Path, root: Path, n_mels: int) -> dict[str, tuple[int, int]]:
+    """{name: (size, mtime_ns)} of the files found usable before, under the same data folder and n_mels."""
+    try:
+        with np.load(path) as saved:
+            if json.loads(saved['meta'].tobytes()) != {'data_path': str(root.resolve()), 'n_mels': n_mels}:
+                return {}
+            names = saved['names'].tobytes().decode().split('\n')
+            return dict(zip(names, zip(saved['sizes'].tolist(), saved['mtimes'].tolist())))
+    except (OSError, ValueError, KeyError):  # none yet, or unreadable: check everything
+        return {}
+
+
+def _save_checked(path: Path, root: Path, n_mels: int, usable: dict[str, tuple[int, int]]) -> None:
+    names = list(usable)
+    meta = json.dumps({'data_path': str(root.resolve()), 'n_mels': n_mels}).encode()
+    try:
+        with open_atomic(path) as f:
+            np.savez(f, meta=np.frombuffer(meta, np.uint8), names=np.frombuffer('\n'.join(names).encode(), np.uint8),
+                     sizes=np.array([usable[n][0] for n in names], np.int64),
+                     mtimes=np.array([usable[n][1] for n in names], np.int64))
+    except OSError as e:  # e.g. a read-only folder: the next start checks every file again
+        print(f'Note: cannot remember the checked files in {path} ({e.strerror}); the next start reads them all again')
+
+
 def check_files(files: Sequence[str], data_path: PathLike, n_mels: int, skip_missing: bool = False,
-                workers: int = 16) -> list[str]:
+                workers: int = 16, remember: Optional[PathLike] = None) -> list[str]:
     """Verify that every listed file exists and is a (1, n_mels, T) float array of finite values, before training.
 
     Bad files raise a ValueError naming the first few and the count; with skip_missing they are
     dropped with a warning instead. Returns the usable files.
+
+    remember: a file (checked_list_path) where the usable files are remembered with their size and
+    modification time: a later check reads only the files that changed or are new, and stats the rest.
     """
     root = Path(data_path)
+    known = _load_checked(Path(remember), root, n_mels) if remember else {}
     with ThreadPoolExecutor(workers) as pool:  # file opens are I/O bound; threads hide the latency
-        problems = list(pool.map(lambda f: _file_problem(root / f, n_mels), files))
+        stats = list(pool.map(lambda f: _stat(root / f), files))
+        todo = [i for i, (f, st) in enumerate(zip(files, stats)) if st is not None and known.get(f) != st]
+        found = dict(zip(todo, pool.map(lambda i: _file_problem(root / files[i], n_mels), todo)))
+    problems = [found.get(i) if st is not None else 'missing' for i, st in enumerate(stats)]
+    if remember and (todo or len(known) != len(files)):
+        _save_checked(Path(remember), root, n_mels, {f: st for f, st, p in zip(files, stats, problems) if not p})
     bad = [(f, p) for f, p in zip(files, problems) if p]
     if not bad:
         return list(files)
@@ -141,15 +194,24 @@ class SpectrogramDataset(Dataset):
 
 
 def random_crop(path: PathLike, crop_frames: int, tile: bool = False) -> np.ndarray:
-    """A random crop (1, F, crop_frames) of an LMS file, its start drawn as published: from numpy's
-    global RNG, np.random.randint(T - crop_frames). Shorter files are right-padded with zeros, or with
-    tile=True repeated until they fill the crop."""
-    lms = np.load(path, mmap_mode='r')
+    """A random crop (1, F, crop_frames) of an LMS file (see random_crop_of), memory-mapped."""
+    return random_crop_of(np.load(path, mmap_mode='r'), crop_frames, tile)
+
+
+def random_crop_of(lms: np.ndarray, crop_frames: int, tile: bool = False) -> np.ndarray:
+    """A random float32 crop (1, F, crop_frames) of an LMS (1, F, T), its start drawn as published: from
+    numpy's global RNG, np.random.randint(T - crop_frames). Shorter inputs are right-padded with zeros,
+    or with tile=True repeated until they fill the crop."""
     if tile and lms.shape[-1] < crop_frames:
         lms = np.tile(lms, (1, 1, -(-crop_frames // lms.shape[-1])))
-    excess = lms.shape[-1] - crop_frames
-    start = np.random.randint(excess) if excess > 0 else 0
-    return crop_or_pad(lms, start, crop_frames)
+    return crop_or_pad(lms, crop_start(lms.shape[-1], crop_frames), crop_frames)
+
+
+def crop_start(frames: int, crop_frames: int) -> int:
+    """The first frame of a random crop of an LMS of `frames` frames, drawn as published: from numpy's global
+    RNG, np.random.randint(frames - crop_frames); 0 when the LMS is no longer than the crop."""
+    excess = frames - crop_frames
+    return np.random.randint(excess) if excess > 0 else 0
 
 
 class BackgroundNoise:
@@ -199,20 +261,42 @@ def background_noise(config: argparse.Namespace, files: list[str]) -> Optional[B
     return BackgroundNoise(bg_files, config.data_path, config.input_size[1], config.noise_ratio, bg_mean)
 
 
-def make_loader(config: argparse.Namespace, info: DistInfo, files: list[str], device: torch.device
-                ) -> tuple[DataLoader, Callable[[int], None]]:
-    """The DataLoader of a settled run (config: its TrainConfig) and what to call at the start of each epoch.
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way: `skip` indices of its order left out."""
+    skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+
+def make_loader(config: argparse.Namespace, info: DistInfo, files: Union[list[str], 'ShardSet'], device: torch.device
+                ) -> tuple[DataLoader, Callable[..., None]]:
+    """The DataLoader of a settled run (config: its TrainConfig) and start_of_epoch(epoch, first_step=0), to
+    call before each epoch (first_step: the steps of a resumed epoch already done). `files`: the listed
+    files, or a ShardSet (--shards: m2d.train.shards).
 
     A seeded shuffle every epoch (the sampler's set_epoch), on one process too: the order depends only on
     --seed and the epoch. --published_data: sampler seed 0, a padded last batch, and on one process the
     epoch-1 order throughout, as published. Workers start afresh each epoch (not persistent), seeded from
-    the main RNG, so a resume stays exact.
+    the main RNG, so a resume at an epoch's start stays exact (part-way, the order continues exactly, and
+    the crops too with --num_workers 0).
     """
+    from m2d.train.shards import ShardSet, make_shard_loader  # it reads clips with this module's crops
+    if isinstance(files, ShardSet):
+        return make_shard_loader(config, info, files, device)
     dataset = SpectrogramDataset(files, config.data_path, config.input_size[1], config.norm_stats,
                                  background_noise(config, files))
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=0 if config.published_data else config.seed, drop_last=not config.published_data)
+    sampler = ResumableSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                               seed=0 if config.published_data else config.seed, drop_last=not config.published_data)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
                         pin_memory=config.pin_mem and device.type == 'cuda', drop_last=True)
     reshuffle = info.distributed or not config.published_data
-    return loader, (sampler.set_epoch if reshuffle else lambda epoch: None)
+
+    def start_of_epoch(epoch: int, first_step: int = 0) -> None:
+        if reshuffle:
+            sampler.set_epoch(epoch)
+        sampler.skip = first_step * config.batch_size
+        # The loader seeds its workers with a draw from torch's RNG when the epoch starts; a run resumed part-way
+        # restored that RNG as it was after the draw: the draw comes from elsewhere, and the masks stay the same.
+        loader.generator = torch.Generator() if first_step else None
+    return loader, start_of_epoch

@@ -118,9 +118,13 @@ def train_one_epoch(model: nn.Module, raw_model: nn.Module, loader: Iterable, op
                     scaler: torch.amp.GradScaler, precision: Precision, schedule: Schedule, epoch: int,
                     device: torch.device, mask_ratio: float, accum_iter: int = 1, clip_grad: float = 0.0,
                     print_freq: int = 20, world_size: int = 1, log_writer: Optional[SummaryWriter] = None,
-                    print_fn: Callable[[str], None] = print, clock: Optional[RunClock] = None) -> dict[str, float]:
+                    print_fn: Callable[[str], None] = print, clock: Optional[RunClock] = None, start_step: int = 0,
+                    after_step: Optional[Callable[[int], None]] = None) -> dict[str, float]:
     """Train one epoch; -> {'loss', 'lr', 'ema_decay', 'samples_per_s'} (loss averaged over steps and ranks;
     lr and ema_decay as at the last step).
+
+    start_step: the steps of this epoch already done (a mid-epoch resume; the loader yields the rest);
+    after_step(step): called after each step (e.g. to save a step checkpoint).
 
     model: what to call (DDP-wrapped and/or compiled); raw_model: the plain module (EMA, parameters).
     Every step's loss, lr and EMA decay go to log_writer (TensorBoard); every print_freq steps a progress
@@ -133,9 +137,9 @@ def train_one_epoch(model: nn.Module, raw_model: nn.Module, loader: Iterable, op
     n_iters = schedule.iters_per_epoch
     loss_sum, lr, decay = 0.0, 0.0, schedule.ema_at(epoch, 0)
     t_epoch = t_print = time.perf_counter()
-    samples_since_print = 0
+    samples_since_print = samples_seen = 0
     optimizer.zero_grad(set_to_none=True)
-    for it, samples in enumerate(loader):
+    for it, samples in enumerate(loader, start_step):
         if it % accum_iter == 0:
             lr = schedule.lr_at(epoch, it)
             set_lr(optimizer, lr)
@@ -154,6 +158,7 @@ def train_one_epoch(model: nn.Module, raw_model: nn.Module, loader: Iterable, op
             decay = schedule.ema_at(epoch, it)
             update_target(raw_model, decay)
         loss_sum += loss_value
+        samples_seen += samples.shape[0] * world_size
         samples_since_print += samples.shape[0] * world_size
         step = epoch * n_iters + it
         if log_writer is not None:
@@ -171,6 +176,8 @@ def train_one_epoch(model: nn.Module, raw_model: nn.Module, loader: Iterable, op
             if log_writer is not None:
                 log_writer.add_scalar('samples_per_s', speed, step)
             t_print, samples_since_print = now, 0
+        if after_step is not None:
+            after_step(it)
     elapsed = time.perf_counter() - t_epoch
-    return {'loss': loss_sum / n_iters, 'lr': lr, 'ema_decay': decay,
-            'samples_per_s': n_iters * getattr(loader, 'batch_size', 0) * world_size / elapsed}
+    return {'loss': loss_sum / max(n_iters - start_step, 1), 'lr': lr, 'ema_decay': decay,
+            'samples_per_s': samples_seen / elapsed}

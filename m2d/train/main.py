@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from m2d.checkpoint import check_norm_stats, load_checkpoint, model_state, run_name, save_checkpoint, saved_args
 from m2d.device import resolve_device
-from m2d.errors import CheckpointError, Interrupted, M2DError, NonFiniteLossError, OutputError, UsageError
+from m2d.errors import CheckpointError, Interrupted, M2DError, NonFiniteLossError, OutputError, ShardError, UsageError
 from m2d.outputs import check_writable, writing
 from m2d.train import hooks
 from m2d.train.config import (
@@ -43,6 +43,7 @@ from m2d.train.console import ConsoleCopy, console_copy
 from m2d.train.data import (
     NORM_STATS_CROPS,
     check_files,
+    checked_list_path,
     compute_norm_stats,
     load_vis_samples,
     make_loader,
@@ -53,7 +54,16 @@ from m2d.train.engine import Precision, RunClock, Schedule, train_one_epoch
 from m2d.train.fast import apply_fast, compile_blocks, describe
 from m2d.train.plots import save_loss_curve, save_mask_figure
 from m2d.train.resume import load_initial_weights, resume_from, resume_hint, rng_state, seed_everything
-from m2d.train.run_folder import check_ownership, in_use, move_aside, run_lock, truncate_log, unused_folder
+from m2d.train.run_folder import (
+    STEP_CHECKPOINT,
+    check_ownership,
+    in_use,
+    move_aside,
+    run_lock,
+    truncate_log,
+    unused_folder,
+)
+from m2d.train.shards import ShardSet, open_shards
 from util import dist as distutil
 from util.atomic import remove_stale_temp_files, save_atomic
 from util.cpu import idle_cores, usable_cores
@@ -73,7 +83,7 @@ class RunResult:
 # ----- settling the run ----------------------------------------------------------------------------
 
 def prepare_data(config: TrainConfig, out: Path, info: distutil.DistInfo, print_fn: PrintFn
-                 ) -> tuple[list[str], Optional[list[float]]]:
+                 ) -> tuple[Union[list[str], ShardSet], Optional[list[float]]]:
     """On rank 0: check that the run folder can be written and is this run's, check the listed files and
     settle the normalisation stats; then share them (or the error, so every rank stops with its message)."""
     payload = None
@@ -88,14 +98,18 @@ def prepare_data(config: TrainConfig, out: Path, info: distutil.DistInfo, print_
     return files, stats
 
 
-def _prepare_data(config: TrainConfig, out: Path, print_fn: PrintFn) -> tuple[list[str], Optional[list[float]]]:
+def _prepare_data(config: TrainConfig, out: Path, print_fn: PrintFn
+                  ) -> tuple[Union[list[str], ShardSet], Optional[list[float]]]:
     # Now, not after a data scan that may take minutes: the folder can be written, and is this run's to write.
     check_writable(out, folder=True)
     busy = in_use(out)
     if busy:
         raise UsageError(busy)
     check_ownership(out, Path(config.resume) if config.resume else None, config.overwrite)
-    files = check_files(read_file_list(config.dataset), config.data_path, config.input_size[0], config.skip_missing)
+    if config.shards:
+        return _prepare_shards(config, print_fn)
+    files = check_files(read_file_list(config.dataset), config.data_path, config.input_size[0], config.skip_missing,
+                        remember=checked_list_path(config.dataset))
     print_fn(f'Dataset: {len(files)} files from {config.dataset} (data folder {config.data_path})')
     if config.norm_stats is not None:
         print_fn(f'Normalisation stats: mean {config.norm_stats[0]}, std {config.norm_stats[1]}')
@@ -107,6 +121,16 @@ def _prepare_data(config: TrainConfig, out: Path, print_fn: PrintFn) -> tuple[li
     print_fn(f'Normalisation stats from {n} random crops{fewer}: mean {mean:.4f}, std {std:.4f} '
              f'(pass --norm_stats "[{mean:.4f}, {std:.4f}]" to reuse them)')
     return files, [mean, std]
+
+
+def _prepare_shards(config: TrainConfig, print_fn: PrintFn) -> tuple[ShardSet, list[float]]:
+    shards = open_shards(config.shards, config.input_size[0])
+    print_fn(f'Dataset: {len(shards)} clips in {len(shards.counts)} shards at {config.shards} '
+             f'({shards.index["dtype"]})')
+    stats = config.norm_stats or shards.norm_stats
+    print_fn(f'Normalisation stats{"" if config.norm_stats else " (of every stored value, from the index)"}: '
+             f'mean {stats[0]:.4f}, std {stats[1]:.4f}')
+    return shards, stats
 
 
 def resolve_resources(config: TrainConfig, info: distutil.DistInfo, device: torch.device, n_files: int,
@@ -266,8 +290,8 @@ def _main(config: TrainConfig, info: distutil.DistInfo, scripts: str) -> RunResu
         return result
 
 
-def train(config: TrainConfig, info: distutil.DistInfo, device: torch.device, files: list[str], checkpoint: Any,
-          scripts: str, print_fn: PrintFn) -> RunResult:
+def train(config: TrainConfig, info: distutil.DistInfo, device: torch.device, files: Union[list[str], ShardSet],
+          checkpoint: Any, scripts: str, print_fn: PrintFn) -> RunResult:
     """The epoch loop of a settled run: model, optimizer, resume; train; log, save and evaluate."""
     out = Path(config.output_dir)
     raw_model = build_model(config).to(device)
@@ -278,8 +302,10 @@ def train(config: TrainConfig, info: distutil.DistInfo, device: torch.device, fi
     start_epoch = config.start_epoch
     if config.init_from:
         load_initial_weights(raw_model, config.init_from, config.trust_checkpoint, print_fn)
+    start_step = 0
     if checkpoint is not None:
         start_epoch = resume_from(checkpoint, config, info, raw_model, optimizer, scaler, print_fn)
+        start_step = resumed_step(checkpoint, config, info, len(loader), print_fn)
     if info.is_main:  # lines of epochs after the start (a killed run's, or a fresh start's leftovers) go
         truncate_log(out / 'log.txt', start_epoch)
 
@@ -298,19 +324,43 @@ def train(config: TrainConfig, info: distutil.DistInfo, device: torch.device, fi
     with writing(log_dir):
         # purge_step: TensorBoard drops the points a killed run logged after its last checkpoint, so each
         # step shows once however often the run was stopped and resumed.
-        writer = SummaryWriter(str(log_dir), purge_step=start_epoch * len(loader)) if info.is_main else None
+        writer = SummaryWriter(str(log_dir), purge_step=start_epoch * len(loader) + start_step) if info.is_main \
+            else None
     vis = load_vis_samples(Path(config.data_path) / 'vis_samples', config.input_size[1], config.norm_stats)
     result = RunResult(out, raw_model)
     last_epoch = config.epochs if config.stop_at <= 0 else min(config.stop_at, config.epochs)
-    clock = RunClock(start_epoch * len(loader), last_epoch * len(loader))
+    clock = RunClock(start_epoch * len(loader) + start_step, last_epoch * len(loader))
     epoch = start_epoch
+
+    def save_step(it: int) -> None:
+        """checkpoint-last.pth every --save_every_steps steps (at the end of an accumulation window)."""
+        done_steps = it + 1
+        if not config.save_every_steps or done_steps % config.save_every_steps or done_steps % config.accum_iter \
+                or done_steps == len(loader):
+            return
+        rng_states = distutil.all_gather_objects(rng_state())
+        if info.is_main:
+            path = out / STEP_CHECKPOINT
+            with writing(path):
+                save_checkpoint(path, raw_model, optimizer, scaler, epoch, config.to_namespace(), rng_states,
+                                done_steps)
+            with writing(log_dir):
+                writer.flush()
+            result.last_checkpoint = path
+        distutil.barrier()
+
     try:
         for epoch in range(start_epoch, last_epoch):
-            start_of_epoch(epoch)
+            first_step = start_step if epoch == start_epoch else 0
+            start_of_epoch(epoch, first_step)
             try:
                 stats = train_one_epoch(model, raw_model, loader, optimizer, scaler, precision, schedule, epoch,
                                         device, config.mask_ratio, config.accum_iter, config.clip_grad,
-                                        config.print_freq, info.world_size, writer, print_fn, clock)
+                                        config.print_freq, info.world_size, writer, print_fn, clock, first_step,
+                                        save_step)
+            except ShardError as e:  # a shard that turned out bad when read: the checkpoints are intact
+                hint = resume_hint(epoch + 1, result.last_checkpoint or config.resume or None)
+                raise ShardError(f'{e} (stopped {hint})') from None
             except OSError as e:  # TensorBoard's writer thread; a full or read-only disk is never a data read
                 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                     raise OutputError(log_dir, e) from e
@@ -328,6 +378,7 @@ def train(config: TrainConfig, info: distutil.DistInfo, device: torch.device, fi
                     with writing(path):
                         save_checkpoint(path, raw_model, optimizer, scaler, done, config.to_namespace(), rng_states)
                     result.last_checkpoint = path
+                    (out / STEP_CHECKPOINT).unlink(missing_ok=True)  # older than this one
                     print_fn(f'Saved {path}')
                     save_pictures(config, raw_model, done, vis)
                     if done >= config.eval_after:
@@ -343,6 +394,23 @@ def train(config: TrainConfig, info: distutil.DistInfo, device: torch.device, fi
     if info.is_main and result.last_checkpoint is not None:
         hooks.evaluate('all', result.last_checkpoint, scripts, wait=True, print_fn=print_fn)
     return result
+
+
+def resumed_step(checkpoint: dict, config: TrainConfig, info: distutil.DistInfo, steps_per_epoch: int,
+                 print_fn: PrintFn) -> int:
+    """The steps of the resumed epoch that a step checkpoint (--save_every_steps) had done; 0 for an epoch
+    checkpoint. The rest of that epoch is only defined for the world size and batch size that saved it."""
+    step = int(checkpoint.get('step', 0)) if 'optimizer' in checkpoint else 0
+    if not step:
+        return 0
+    stored = saved_args(checkpoint)
+    saved_by = (stored.get('world_size'), stored.get('batch_size'))
+    if saved_by != (info.world_size, config.batch_size) or step >= steps_per_epoch:
+        raise UsageError(f'--resume {config.resume} was saved part-way through epoch {checkpoint["epoch"] + 1} (step '
+                         f'{step}) by {saved_by[0]} processes of batch {saved_by[1]}; the rest of that epoch needs the '
+                         f'same (now {info.world_size} of {config.batch_size}), or resume from an epoch checkpoint')
+    print_fn(f'Resuming epoch {checkpoint["epoch"] + 1} at step {step + 1} of {steps_per_epoch}')
+    return step
 
 
 def save_pictures(config: TrainConfig, model: nn.Module, done: int, vis: tuple) -> None:

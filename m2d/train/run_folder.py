@@ -30,6 +30,7 @@ except ImportError:  # not on Windows: runs there are not locked
 LOCK_NAME = '.lock'
 ASIDE_PREFIX = 'previous-'
 _CHECKPOINT = re.compile(r'^checkpoint-(\d+)\.pth$')
+STEP_CHECKPOINT = 'checkpoint-last.pth'  # --save_every_steps: the latest step checkpoint, newer than any epoch's
 
 
 def checkpoint_epochs(folder: Path) -> dict[int, Path]:
@@ -57,11 +58,14 @@ def check_ownership(folder: Path, resume: Optional[Path], overwrite: bool) -> li
     resume: the checkpoint a resumed run continues from (None for a new run). Raises RunFolderError
     with what to do instead.
     """
-    checkpoints = checkpoint_epochs(folder)
+    checkpoints = sorted(checkpoint_epochs(folder).items())
+    step = folder / STEP_CHECKPOINT
+    if step.is_file():  # removed whenever an epoch checkpoint is saved: always the latest
+        checkpoints.append((float('inf'), step))
     if not checkpoints:
         return []
-    shown = ', '.join(p.name for _, p in sorted(checkpoints.items())[-3:])
-    latest = checkpoints[max(checkpoints)]
+    shown = ', '.join(p.name for _, p in checkpoints[-3:])
+    latest = checkpoints[-1][1]
     if resume is None:
         if overwrite:
             return [p for p in folder.iterdir() if p.name != LOCK_NAME and not p.name.startswith(ASIDE_PREFIX)]
@@ -72,7 +76,7 @@ def check_ownership(folder: Path, resume: Optional[Path], overwrite: bool) -> li
         raise RunFolderError(f'{folder} holds checkpoints of another run ({shown}), not of {resume}; resume into an '
                              f'empty --output_dir (or the folder of {resume.name})')
     match = _CHECKPOINT.match(resume.name)
-    later = [p for epoch, p in sorted(checkpoints.items()) if match and epoch > int(match[1])]
+    later = [p for epoch, p in checkpoints if match and epoch > int(match[1])]
     if later and not overwrite:
         names = ', '.join(p.name for p in later)
         raise RunFolderError(f'{folder} holds later checkpoints than {resume.name} ({names}) '

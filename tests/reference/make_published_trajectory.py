@@ -5,8 +5,8 @@ trains the tiny M2D for 3 epochs on the CPU, in one process, from the fixed init
     python tests/reference/make_published_trajectory.py /path/to/published/m2d
 
 /path/to/published/m2d is the first release of nttcslab/m2d, set up as its README describes (the code
-itself is never part of this repository). Run this with an interpreter that has the published requirements, timm 0.4.x among
-them (train_audio.py calls its optim_factory.add_weight_decay).
+itself is never part of this repository). Run this with an interpreter that has the published
+requirements, timm 0.4.x among them (train_audio.py calls its optim_factory.add_weight_decay).
 
 The tiny model enters through the published model registry: a factory added to the published
 m2d/models_mae.py module builds the published M2DViT class with the tiny widths (its constructor draws
