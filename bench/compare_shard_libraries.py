@@ -80,7 +80,8 @@ def readers(root: Path) -> dict:
 
     def m2d_shards():
         from m2d.train.data import crop_or_pad
-        from m2d.train.shards import ShardFiles, epoch_batches, open_shards
+        from m2d.train.shard_set import ShardFiles, open_shards
+        from m2d.train.shards import epoch_batches
         shards = open_shards(str(root / 'wds'), F)
         files = ShardFiles(shards, root / 'cache')
         for sample in epoch_batches(shards.counts, 0, 0, 1, 0, 1).ravel():
