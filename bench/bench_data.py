@@ -73,7 +73,7 @@ def child_startup(root: Path, path: str, crop: int) -> dict:
     import torch
 
     from m2d.train.data import check_files, checked_list_path, compute_norm_stats, make_loader, read_file_list
-    from m2d.train.shards import open_shards
+    from m2d.train.shard_set import open_shards
     from util.dist import DistInfo
     start = time.perf_counter()
     if path == 'shards':
@@ -93,7 +93,7 @@ def child_loader(root: Path, path: str, crop: int, samples: int) -> dict:
     import torch
 
     from m2d.train.data import make_loader, read_file_list
-    from m2d.train.shards import open_shards
+    from m2d.train.shard_set import open_shards
     from util.dist import DistInfo
     torch.set_num_threads(1)
     baseline = peak_rss_mb()  # the interpreter, torch, m2d
@@ -179,7 +179,7 @@ def main() -> None:
 
     from m2d.filelist import read_file_list
     from m2d.tools.pack import _NpyLoaderFactory, pack_folder
-    from m2d.train.shards import ShardFiles, open_shards
+    from m2d.train.shard_set import ShardFiles, open_shards
     print(f'load {os.getloadavg()[0]:.2f}; {args.frames}-frame clips, {args.crop}-frame crops, batch {BATCH}')
     rates = {}
     for clips in args.clips:

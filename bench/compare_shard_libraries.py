@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bench_data import evict, peak_rss_mb
+
 os.environ.setdefault('LITDATA_DISABLE_VERSION_CHECK', '1')  # else litdata asks PyPI at every dataset it makes
 F, T, CROP = 80, 1001, 608
 
@@ -80,7 +82,8 @@ def readers(root: Path) -> dict:
 
     def m2d_shards():
         from m2d.train.data import crop_or_pad
-        from m2d.train.shards import ShardFiles, epoch_batches, open_shards
+        from m2d.train.shard_set import ShardFiles, open_shards
+        from m2d.train.shards import epoch_batches
         shards = open_shards(str(root / 'wds'), F)
         files = ShardFiles(shards, root / 'cache')
         for sample in epoch_batches(shards.counts, 0, 0, 1, 0, 1).ravel():
@@ -88,21 +91,6 @@ def readers(root: Path) -> dict:
 
     return {'published .npy': published, 'mosaicml-streaming': mosaic, 'litdata': litdata,
             'webdataset pipeline': webdataset_pipeline, 'm2d shards (webdataset tars)': m2d_shards}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
-    status = Path('/proc/self/status').read_text()
-    return int(status.split('VmHWM:')[1].split()[0]) / 1024
-
-
-def evict(folder: Path) -> None:
-    os.sync()
-    for path in folder.rglob('*'):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
 
 
 def child(root: Path, name: str, cold: bool) -> dict:

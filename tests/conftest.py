@@ -147,3 +147,18 @@ class FullDisk(io.BufferedWriter):
         if self.tell() + size > self.room:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return super().write(data)
+
+
+def fill_disk_after_one_save(monkeypatch, module) -> list:
+    """Make `module.save_npy_atomic` fail with ENOSPC from its second call on (a disk that fills up after one
+    output); -> the list of paths it was called with."""
+    real_save, saves = module.save_npy_atomic, []
+
+    def full_after_one(array, path):
+        saves.append(path)
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(array, path)
+
+    monkeypatch.setattr(module, 'save_npy_atomic', full_after_one)
+    return saves

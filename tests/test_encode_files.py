@@ -1,5 +1,4 @@
 """`python -m m2d encode` / m2d.tools.encode: audio files -> .npy embeddings."""
-import errno
 import math
 import os
 import subprocess
@@ -11,7 +10,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import make_checkpoint, peak_memory_of, press_ctrl_c, sparse_wav, start_as_in_a_terminal
+from conftest import (
+    fill_disk_after_one_save,
+    make_checkpoint,
+    peak_memory_of,
+    press_ctrl_c,
+    sparse_wav,
+    start_as_in_a_terminal,
+)
 
 import m2d.tools.encode
 from m2d.audio.io import load_audio
@@ -249,14 +255,7 @@ def test_a_write_error_fails_its_file_and_a_full_disk_stops_the_run(tiny_ckpt, t
     assert report.failed == [(tmp_path / 'in' / 'sub' / 'x.wav',
                               f'cannot write {out / "sub" / "x.npy"}: a file is in the way, not a folder')]
 
-    real_save, saves = m2d.tools.encode.save_npy_atomic, []
-
-    def full_after_one(array, path):
-        saves.append(path)
-        if len(saves) > 1:
-            raise OSError(errno.ENOSPC, 'No space left on device')
-        return real_save(array, path)
-    monkeypatch.setattr(m2d.tools.encode, 'save_npy_atomic', full_after_one)
+    saves = fill_disk_after_one_save(monkeypatch, m2d.tools.encode)
     assert main(['encode', str(tiny_ckpt), str(tmp_path / 'in'), str(tmp_path / 'full'), '--batch_size', '1']) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (f'error: cannot write {saves[1]}: no space left on device; '
                                                         '1 of 3 files encoded, rerun the same command to continue')

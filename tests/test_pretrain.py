@@ -430,7 +430,7 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(lms_data, tmp_path):
 def test_defaults_fit_a_small_dataset_on_a_laptop(lms_data, tmp_path, monkeypatch, capsys):
     """Without --batch_size, --num_workers, --device and --threads a run fits the data and the machine:
     the batch shrinks to the 16 files, no worker processes on the CPU, threads follow the idle cores."""
-    import m2d.train.main as pretrain
+    import m2d.train.setup as pretrain
     monkeypatch.setattr(pretrain, 'idle_cores', lambda: 1)
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     before = torch.get_num_threads()

@@ -17,7 +17,8 @@ from m2d.filelist import read_file_list
 from m2d.tools.pack import npy_loader, pack_folder
 from m2d.train.config import get_args_parser
 from m2d.train.main import main
-from m2d.train.shards import ShardDataset, ShardFiles, epoch_batches, open_shards
+from m2d.train.shard_set import ShardFiles, open_shards
+from m2d.train.shards import ShardDataset, epoch_batches
 from util.dist import DistInfo
 
 
@@ -194,7 +195,7 @@ def test_shards_are_checked_once_and_remembered(tmp_path, monkeypatch):
     shards = open_shards(str(out), 80)
     hashed = []
     real_sha256 = __import__('hashlib').sha256
-    monkeypatch.setattr('m2d.train.shards.hashlib.sha256', lambda *a: hashed.append(1) or real_sha256(*a))
+    monkeypatch.setattr('m2d.train.shard_set.hashlib.sha256', lambda *a: hashed.append(1) or real_sha256(*a))
     ShardFiles(shards, tmp_path / 'cache').clip(0)
     assert len(hashed) == 1
     ShardFiles(shards, tmp_path / 'cache').clip(1)  # another process, the same shard: remembered

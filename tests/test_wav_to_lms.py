@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
-from conftest import peak_memory_of, press_ctrl_c, sparse_wav, start_as_in_a_terminal
+from conftest import fill_disk_after_one_save, peak_memory_of, press_ctrl_c, sparse_wav, start_as_in_a_terminal
 
 import m2d.tools.wav_to_lms
 from m2d.audio.io import load_audio, mix_to_mono
@@ -332,14 +332,7 @@ def test_a_write_error_fails_its_file_and_a_full_disk_stops_the_run(corpus, tmp_
                                   'a file is in the way, not a folder')
     assert _npy_files(dst) == ['odd.npy', 'z.npy']
 
-    real_save, saves = m2d.tools.wav_to_lms.save_npy_atomic, []
-
-    def full_after_one(array, path):
-        saves.append(path)
-        if len(saves) > 1:
-            raise OSError(errno.ENOSPC, 'No space left on device')
-        return real_save(array, path)
-    monkeypatch.setattr(m2d.tools.wav_to_lms, 'save_npy_atomic', full_after_one)
+    saves = fill_disk_after_one_save(monkeypatch, m2d.tools.wav_to_lms)
     with pytest.raises(OutputError) as e:
         main(str(corpus), str(tmp_path / 'full'), workers=1)
     assert str(e.value) == (f'cannot write {saves[1]}: no space left on device; 1 of {len(GOOD) + len(BAD)} files '

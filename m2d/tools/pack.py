@@ -38,21 +38,14 @@ from tqdm import tqdm
 from m2d.errors import Interrupted, OutputError, UsageError
 from m2d.filelist import PathLike, read_file_list
 from m2d.outputs import DISK_WIDE_ERRORS, check_writable, writing
+from m2d.shard_format import DTYPES, FORMAT, INDEX_NAME, VERSION, shard_name
 from util.atomic import open_atomic, remove_stale_temp_files
 from util.cpu import usable_cores
 
-FORMAT = 'm2d-lms-shards'
-VERSION = 1
-INDEX_NAME = 'index.json'
 SHARD_CLIPS = 1000  # 10 s clips: 320 MB shards in float32, 160 MB in float16
-DTYPES = ('float32', 'float16')
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 ClipLoader = Callable[[str], np.ndarray]  # source name -> (1, F, T) float array
-
-
-def shard_name(number: int) -> str:
-    return f'shard-{number:06d}.tar'
 
 
 def clip_problem(lms: np.ndarray, n_mels: int, dtype: str) -> Optional[str]:

@@ -35,7 +35,8 @@ from m2d.cli.common import describe_interrupt
 from m2d.errors import AudioReadError, Interrupted, OutputError, UsageError, write_error_reason
 from m2d.filelist import leaves_folder, read_file_list
 from m2d.outputs import DISK_WIDE_ERRORS, check_writable, writing
-from m2d.tools.pack import INDEX_NAME, SHARD_CLIPS, ClipLoader, add_shard_arguments, pack_folder
+from m2d.shard_format import INDEX_NAME
+from m2d.tools.pack import SHARD_CLIPS, ClipLoader, add_shard_arguments, pack_folder
 from util.atomic import open_atomic, remove_stale_temp_files, save_npy_atomic
 from util.cpu import usable_cores
 
