@@ -172,21 +172,25 @@ def train(config: TrainConfig, info: distutil.DistInfo, device: torch.device, fi
     clock = RunClock(start_epoch * len(loader) + start_step, last_epoch * len(loader))
     epoch = start_epoch
 
+    def save(path: Path, epochs_done: int, step: int = 0) -> None:
+        """A checkpoint with every rank's RNG state, written by rank 0 (the caller then waits at a barrier)."""
+        rng_states = distutil.all_gather_objects(rng_state())
+        if info.is_main:
+            with writing(path):
+                save_checkpoint(path, raw_model, optimizer, scaler, epochs_done, config.to_namespace(), rng_states,
+                                step)
+            result.last_checkpoint = path
+
     def save_step(it: int) -> None:
         """checkpoint-last.pth every --save_every_steps steps (at the end of an accumulation window)."""
         done_steps = it + 1
         if not config.save_every_steps or done_steps % config.save_every_steps or done_steps % config.accum_iter \
                 or done_steps == len(loader):
             return
-        rng_states = distutil.all_gather_objects(rng_state())
+        save(out / STEP_CHECKPOINT, epoch, done_steps)
         if info.is_main:
-            path = out / STEP_CHECKPOINT
-            with writing(path):
-                save_checkpoint(path, raw_model, optimizer, scaler, epoch, config.to_namespace(), rng_states,
-                                done_steps)
             with writing(log_dir):
                 writer.flush()
-            result.last_checkpoint = path
         distutil.barrier()
 
     try:
@@ -212,14 +216,10 @@ def train(config: TrainConfig, info: distutil.DistInfo, device: torch.device, fi
                 with writing(log_dir):
                     writer.flush()
             if done % config.save_freq == 0 or done == last_epoch:
-                rng_states = distutil.all_gather_objects(rng_state())
+                save(out / f'checkpoint-{done}.pth', done)
                 if info.is_main:
-                    path = out / f'checkpoint-{done}.pth'
-                    with writing(path):
-                        save_checkpoint(path, raw_model, optimizer, scaler, done, config.to_namespace(), rng_states)
-                    result.last_checkpoint = path
                     (out / STEP_CHECKPOINT).unlink(missing_ok=True)  # older than this one
-                    print_fn(f'Saved {path}')
+                    print_fn(f'Saved {result.last_checkpoint}')
                     save_pictures(config, raw_model, done, vis)
                     if done >= config.eval_after:
                         proc = hooks.evaluate('quick', result.last_checkpoint, scripts, wait=False, print_fn=print_fn)
