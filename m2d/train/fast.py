@@ -9,7 +9,7 @@ What --fast turns on, and nothing else (flags given on the command line win):
 - On CUDA, torch.compile (--compile), block by block (compile_blocks): the elementwise work around the
   matrix products in each transformer block (LayerNorm, GELU, bias and residual adds) fused into fewer
   kernels. Not on the CPU, where compiling takes minutes and compiled code measured slower than eager
-  (README, encoding speed).
+  (bench/RESULTS.md, encoding speed on the CPU).
 
 Already the defaults, with or without --fast: fused AdamW on CUDA (one kernel for all parameters), timm's
 scaled-dot-product attention (flash kernels on H100/H200 in bf16), and the multi-tensor EMA update.

@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from m2d.checkpoint import load_checkpoint, model_state, save_checkpoint, saved_args
 from m2d.device import resolve_device
-from m2d.errors import Interrupted, M2DError, NonFiniteLossError, OutputError, ShardError, UsageError
+from m2d.errors import Interrupted, M2DError, OutputError, ShardError, UsageError
 from m2d.outputs import writing
 from m2d.train import hooks
 from m2d.train.config import (
@@ -41,7 +41,7 @@ from m2d.train.data import (
     make_loader,
 )
 from m2d.train.engine import Precision, RunClock, Schedule, train_one_epoch
-from m2d.train.fast import apply_fast, compile_blocks, describe
+from m2d.train.fast import compile_blocks
 from m2d.train.plots import save_loss_curve, save_mask_figure
 from m2d.train.resume import load_initial_weights, resume_from, resume_hint, rng_state, seed_everything
 from m2d.train.run_folder import (
@@ -99,7 +99,6 @@ def main(args: argparse.Namespace, script_dir: Optional[Path] = None) -> RunResu
 def _main(config: TrainConfig, info: distutil.DistInfo, scripts: str) -> RunResult:
     validate_args(config)
     device = resolve_device(config.device, info.local_rank)
-    config = apply_fast(config, device)
     print_fn = print if info.is_main else (lambda *_: None)
     checkpoint = None
     if config.resume:
@@ -112,8 +111,6 @@ def _main(config: TrainConfig, info: distutil.DistInfo, scripts: str) -> RunResu
             print_fn(f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {" ".join(sys.argv)}')
             if checkpoint is not None:
                 note_settings_not_resumed(saved_args(checkpoint), config, print_fn)
-            if getattr(config, 'fast', False):
-                print_fn(describe(config, device))
             config, files = settle(config, info, device, checkpoint, print_fn)
             # The checks passed: only now the run folder is made (a failed start leaves none), and claimed.
             error = distutil.broadcast_object(claim_run_folder(config, held, console, print_fn) if info.is_main
@@ -121,7 +118,7 @@ def _main(config: TrainConfig, info: distutil.DistInfo, scripts: str) -> RunResu
             if error:
                 raise UsageError(error)
             result = train(config, info, device, files, checkpoint, scripts, print_fn)
-        except (UsageError, NonFiniteLossError, KeyboardInterrupt) as e:
+        except (M2DError, KeyboardInterrupt) as e:
             if console is not None:
                 with contextlib.suppress(OutputError):  # a full disk: the message still reaches the screen
                     console.note(f'{"Interrupted" if isinstance(e, KeyboardInterrupt) else "ERROR"}: {e}\n')

@@ -21,6 +21,7 @@ from m2d.train.data import (
     published_norm_stats,
     read_file_list,
 )
+from m2d.train.fast import apply_fast, describe
 from m2d.train.resume import seed_everything
 from m2d.train.run_folder import check_ownership, in_use, move_aside, run_lock, unused_folder
 from m2d.train.shard_set import ShardSet, open_shards
@@ -113,10 +114,14 @@ def resolve_resources(config: TrainConfig, info: distutil.DistInfo, device: torc
 
 def settle(config: TrainConfig, info: distutil.DistInfo, device: torch.device, checkpoint: Any,
            print_fn: PrintFn) -> tuple[TrainConfig, list[str]]:
-    """Settle, once, what depends on the data, the machine and the run being resumed: the run folder, the
-    files, the normalisation stats, batch size, workers, world size and lr. Seeds this process's random
-    generators last (seed + rank), as the published run does before building its data set and model.
+    """Settle, once, what depends on the data, the machine and the run being resumed: --fast's settings, the
+    run folder, the files, the normalisation stats, batch size, workers, world size and lr. Seeds this
+    process's random generators last (seed + rank), as the published run does before building its data
+    set and model.
     -> (the run's final config, which the loop reads and checkpoints store; its files)."""
+    config = apply_fast(config, device)
+    if getattr(config, 'fast', False):
+        print_fn(describe(config, device))
     norm_stats = config.norm_stats
     stored_stats = saved_args(checkpoint).get('norm_stats') if checkpoint is not None else None
     if norm_stats is None and stored_stats is not None:  # the same normalisation as before the stop
