@@ -31,10 +31,6 @@ from m2d.train.data import crop_or_pad
 from m2d.train.shard_set import PREFETCH_BATCHES, SHUFFLE_SHARDS, ShardFiles, ShardSet
 from util.dist import DistInfo
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: concurrent fetches of a shard then both download it
-    fcntl = None
 
 # ----- the plan of an epoch ---------------------------------------------------------------------
 
