@@ -31,7 +31,6 @@ from m2d.train.data import crop_or_pad
 from m2d.train.shard_set import PREFETCH_BATCHES, SHUFFLE_SHARDS, ShardFiles, ShardSet
 from util.dist import DistInfo
 
-
 # ----- the plan of an epoch ---------------------------------------------------------------------
 
 def epoch_batches(counts: np.ndarray, seed: int, epoch: int, world_size: int, rank: int, batch_size: int,
