@@ -39,6 +39,7 @@ from m2d.errors import Interrupted, OutputError, UsageError
 from m2d.filelist import PathLike, read_file_list
 from m2d.outputs import DISK_WIDE_ERRORS, check_writable, writing
 from m2d.shard_format import DTYPES, FORMAT, INDEX_NAME, VERSION, shard_name
+from m2d.train.data import lms_problem
 from util.atomic import open_atomic, remove_stale_temp_files
 from util.cpu import usable_cores
 
@@ -49,17 +50,12 @@ ClipLoader = Callable[[str], np.ndarray]  # source name -> (1, F, T) float array
 
 
 def clip_problem(lms: np.ndarray, n_mels: int, dtype: str) -> Optional[str]:
-    """Why `lms` cannot be packed as a (1, n_mels, T) clip of finite `dtype` values, or None."""
-    if lms.ndim != 3 or lms.shape[:2] != (1, n_mels) or lms.shape[2] < 1:
-        return f'shape {lms.shape}, expected (1, {n_mels}, T)'
-    if lms.dtype.kind != 'f':
-        return f'dtype {lms.dtype}, expected float'
-    bad = int(np.count_nonzero(~np.isfinite(lms)))
-    if bad:
-        return f'holds {bad} NaN/inf values'
-    if dtype == 'float16' and float(np.abs(lms).max()) > FLOAT16_MAX:
+    """Why `lms` cannot be packed as a (1, n_mels, T) clip of finite `dtype` values (lms_problem, and the
+    range of float16), or None."""
+    problem = lms_problem(lms, n_mels)
+    if problem is None and dtype == 'float16' and float(np.abs(lms).max()) > FLOAT16_MAX:
         return f'values beyond float16 range (|x| > {FLOAT16_MAX:g}); pack with --dtype float32'
-    return None
+    return problem
 
 
 def npy_loader(data_path: PathLike) -> ClipLoader:

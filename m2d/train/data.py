@@ -28,15 +28,9 @@ NORM_STATS_CROPS = 10_000  # crops drawn to estimate the normalisation statistic
 EPS = float(np.finfo(np.float32).eps)
 
 
-def _file_problem(path: Path, n_mels: int) -> Optional[str]:
-    """Why `path` is not a usable (1, n_mels, T) float .npy of finite values, or None. Memory-maps the
-    file, which catches truncated data too."""
-    try:
-        lms = np.load(path, mmap_mode='r')
-    except FileNotFoundError:
-        return 'missing'
-    except Exception as e:  # a truncated or non-npy file
-        return f'unreadable ({type(e).__name__}: {e})'
+def lms_problem(lms: np.ndarray, n_mels: int) -> Optional[str]:
+    """Why `lms` is not a usable pre-training clip, a (1, n_mels, T) float array of finite values, or None
+    (the rule for listed files and for clips packed into shards)."""
     if lms.ndim != 3 or lms.shape[:2] != (1, n_mels) or lms.shape[2] < 1:
         return f'shape {lms.shape}, expected (1, {n_mels}, T)'
     if lms.dtype.kind != 'f':
@@ -50,6 +44,18 @@ def _file_problem(path: Path, n_mels: int) -> Optional[str]:
         if bad:
             return f'holds {bad} NaN/inf values'
     return None
+
+
+def _file_problem(path: Path, n_mels: int) -> Optional[str]:
+    """Why `path` is not a usable LMS .npy (see lms_problem), or None. Memory-maps the file, which catches
+    truncated data too."""
+    try:
+        lms = np.load(path, mmap_mode='r')
+    except FileNotFoundError:
+        return 'missing'
+    except Exception as e:  # a truncated or non-npy file
+        return f'unreadable ({type(e).__name__}: {e})'
+    return lms_problem(lms, n_mels)
 
 
 def checked_list_path(file_list: PathLike) -> Path:
