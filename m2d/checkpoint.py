@@ -29,7 +29,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-from m2d.errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
+from m2d.errors import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError, UsageError
 from util.atomic import save_atomic
 
 log = logging.getLogger(__name__)
@@ -116,15 +116,15 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, epoch: int,
     return save_atomic({**state, 'step': step} if step else state, path)
 
 
-def check_norm_stats(values: Any, what: str) -> tuple[float, float]:
-    """(mean, std) from a stored or given `values`: two finite numbers with std > 0, else CheckpointError
-    naming `what` (e.g. "checkpoint.pth's stored norm_stats")."""
+def check_norm_stats(values: Any, what: str, error: type[Exception] = CheckpointError) -> tuple[float, float]:
+    """(mean, std) from a stored or given `values`: two finite numbers with std > 0, else `error` naming
+    `what` (e.g. "checkpoint.pth's stored norm_stats"; UsageError for an argument)."""
     try:
         mean, std = (float(v) for v in (values.tolist() if torch.is_tensor(values) else values))
     except (TypeError, ValueError):
         mean = std = float('nan')
     if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-        raise CheckpointError(f'{what} must be two finite numbers [mean, std] with std > 0, got {values!r}')
+        raise error(f'{what} must be two finite numbers [mean, std] with std > 0, got {values!r}')
     return mean, std
 
 
@@ -352,7 +352,7 @@ def describe(path: Union[str, Path], checkpoint: Any = None, parts: Optional[Che
     if spec.sr not in FRONT_ENDS:
         raise CheckpointError(f'unknown sample-rate part {spec.sr!r} for {path}; known: {", ".join(FRONT_ENDS)}')
     stats = settle('norm_stats', norm_stats, parts and parts.norm_stats, None)
-    spec.norm_stats = None if stats is None else (float(stats[0]), float(stats[1]))
+    spec.norm_stats = None if stats is None else check_norm_stats(stats, 'norm_stats', UsageError)
     spec.later_format = bool((parts and parts.norm_stats) or args.get('sr') or (name and name.sr)
                              or _LATER_FAMILY.match(spec.model))
     spec.extra_parts = list(parts.extra) if parts else []

@@ -158,6 +158,12 @@ def test_random_weights(tmp_path):
     assert folder.cfg.input_size == [80, 112]
 
 
+@pytest.mark.parametrize('bad', [[float('nan'), 1.0], [0.0, 0.0], [1.0], 'ab'])
+def test_given_norm_stats_are_checked(bad):
+    with pytest.raises(ValueError, match='norm_stats must be two finite numbers'):
+        RuntimeM2D(weight_file='m2d_vit_tiny-80x112p16x16-220930-mr7/random', norm_stats=bad)
+
+
 def test_bare_wrapped_and_ddp_state_dicts_load_alike(tmp_path, rt):
     bare = make_checkpoint(tmp_path, wrap=False, name='bare.pth')
     state = torch.load(bare)

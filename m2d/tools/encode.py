@@ -44,6 +44,7 @@ from m2d.audio.io import (
     load_audio,
 )
 from m2d.audio.lms import RunningMeanStd
+from m2d.checkpoint import check_norm_stats
 from m2d.cli.common import (
     add_device_argument,
     add_model_arguments,
@@ -169,9 +170,8 @@ def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], ou
     how many files were encoded), FileNotFoundError for a missing input, and Interrupted on Ctrl-C (saying
     how many files were encoded).
     """
-    if norm_stats is not None and not (len(norm_stats) == 2 and all(map(math.isfinite, norm_stats))
-                                       and float(norm_stats[1]) > 0):
-        raise UsageError(f'norm_stats must be finite (mean, std) with std > 0, got {norm_stats}')
+    if norm_stats is not None:
+        norm_stats = check_norm_stats(norm_stats, 'norm_stats', UsageError)
     if batch_size < 1:
         raise UsageError(f'batch_size must be at least 1, got {batch_size}')
     check_max_seconds(max_seconds)
@@ -205,8 +205,7 @@ def encode_files(weight_file: Union[str, Path], input_path: Union[str, Path], ou
         raise UsageError(str(e) if str(weight_file) in str(e) else f'cannot use the weight file {weight_file}: {e}') \
             from None
     runtime = runtime.to(device).eval()
-    encoder = _Encoder(runtime, None if norm_stats is None else (float(norm_stats[0]), float(norm_stats[1])),
-                       max_seconds)
+    encoder = _Encoder(runtime, norm_stats, max_seconds)
     try:
         if dataset_norm and encoder.norm_stats is None and runtime.norm_stats is None:
             encoder.norm_stats = report.norm_stats = dataset_norm_stats(encoder, [s for s, _ in jobs], report, progress)
