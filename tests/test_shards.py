@@ -289,18 +289,18 @@ def test_a_step_checkpoint_counts_as_the_latest_checkpoint_of_its_folder(tmp_pat
     assert check_ownership(tmp_path, tmp_path / 'checkpoint-last.pth', overwrite=False) == []
 
 
-def test_wav2lms_writes_shards_straight_from_audio(tmp_path):
-    import soundfile as sf
+def test_wav2lms_writes_shards_straight_from_audio(tmp_path, capsys):
+    from test_wav_to_lms import _write
 
     from m2d.audio.lms import LogMelSpectrogram
     from m2d.tools.wav_to_lms import audio_to_lms
     src = tmp_path / 'wav'
-    (src / 'sub').mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, seconds in [('a.wav', 0.5), ('sub/b.wav', 1.0), ('c.wav', 0.3)]:
-        sf.write(src / name, rng.uniform(-0.5, 0.5, int(16000 * seconds)).astype(np.float32), 16000)
+    for i, (name, seconds) in enumerate([('a.wav', 0.5), ('sub/b.wav', 1.0), ('c.wav', 0.3)]):
+        _write(src / name, 16000, seconds, 1, seed=i)
     (src / 'broken.wav').write_bytes(b'RIFF not audio')
     out = tmp_path / 'shards'
+    assert m2d_main(['wav2lms', str(src), str(out), '--shards', '--workers', '0']) == 2
+    assert '--workers must be at least 1, got 0' in capsys.readouterr().err and not out.exists()
     assert m2d_main(['wav2lms', str(src), str(out), '--shards', '--workers', '1', '--shard_clips', '2']) == 0
     shards = open_shards(str(out), 80)
     assert len(shards) == 3 and shards.index['dtype'] == 'float32'

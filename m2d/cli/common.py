@@ -10,12 +10,9 @@ import argparse
 import math
 import sys
 from types import ModuleType
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 from m2d.errors import M2DError
-
-if TYPE_CHECKING:
-    pass
 
 EXIT_INTERRUPTED = 130  # what a shell reports for a process ended by SIGINT
 EXIT_USAGE = 2          # bad arguments or data

@@ -232,6 +232,8 @@ def pack_folder(names: Sequence[str], out: PathLike, make_loader: Callable[[], C
         raise UsageError(f'dtype must be one of {", ".join(DTYPES)}, got {dtype!r}')
     if shard_clips < 1:
         raise UsageError(f'shard_clips must be at least 1, got {shard_clips}')
+    if workers < 1:
+        raise UsageError(f'--workers must be at least 1, got {workers}')
     check_writable(out, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
@@ -306,11 +308,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`m2d pack`: 0 when the index was written (files that failed are listed), else an error."""
     names = read_file_list(args.dataset)
-    workers = usable_cores() if args.workers is None else args.workers
-    if workers < 1:
-        raise UsageError(f'--workers must be at least 1, got {workers}')
     report = pack_folder(names, args.dst, _NpyLoaderFactory(args.data_path), args.n_mels, args.dtype,
-                         args.shard_clips, args.seed, workers, source=args.dataset)
+                         args.shard_clips, args.seed, usable_cores() if args.workers is None else args.workers,
+                         source=args.dataset)
     print(report.summary(), file=sys.stderr)
     print(f'wrote {Path(args.dst) / INDEX_NAME}: train with --shards {args.dst}', file=sys.stderr)
     return 0

@@ -33,14 +33,13 @@ from m2d.audio.io import MAX_SECONDS, add_max_seconds_argument, check_max_second
 from m2d.audio.lms import LogMelSpectrogram
 from m2d.cli.common import describe_interrupt
 from m2d.errors import AudioReadError, Interrupted, OutputError, UsageError, write_error_reason
-from m2d.filelist import leaves_folder, read_file_list
+from m2d.filelist import PathLike, leaves_folder, read_file_list
 from m2d.outputs import DISK_WIDE_ERRORS, check_writable, writing
 from m2d.shard_format import INDEX_NAME
 from m2d.tools.pack import SHARD_CLIPS, ClipLoader, add_shard_arguments, pack_folder
 from util.atomic import open_atomic, remove_stale_temp_files, save_npy_atomic
 from util.cpu import usable_cores
 
-PathLike = Union[str, Path]
 SAMPLE_RATE = 16000
 
 _worker_lms: Optional[LogMelSpectrogram] = None  # each worker process's own front end

@@ -4,7 +4,7 @@ and their resolution into one read-only TrainConfig.
 Resolution happens once, in this order: the command line; --preset's recipe for the flags not given;
 --init_from's model and sizes; --resume's stored model and optimisation settings (RESUMED_ARGS; never its
 paths, programs, devices or workers). Every value, from a flag or a file, passes check_settings. The run
-then settles what depends on the data and the machine (m2d.train.main.settle) into a new TrainConfig, which
+then settles what depends on the data and the machine (m2d.train.setup.settle) into a new TrainConfig, which
 the loop reads and checkpoints store as their `args` (an argparse.Namespace, as published).
 """
 import argparse

@@ -287,8 +287,9 @@ def make_loader(config: argparse.Namespace, info: DistInfo, files: Union[list[st
     the main RNG, so a resume at an epoch's start stays exact (part-way, the order continues exactly, and
     the crops too with --num_workers 0).
     """
-    from m2d.train.shard_set import ShardSet  # it reads clips with this module's crops
-    from m2d.train.shards import make_shard_loader  # it reads clips with this module's crops
+    # Imported here: both import this module (its crops).
+    from m2d.train.shard_set import ShardSet
+    from m2d.train.shards import make_shard_loader
     if isinstance(files, ShardSet):
         return make_shard_loader(config, info, files, device)
     dataset = SpectrogramDataset(files, config.data_path, config.input_size[1], config.norm_stats,
