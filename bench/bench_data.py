@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-GPUS = {'H100 SXM (989 TFLOP/s dense bf16)': 989e12, 'A100 (312 TFLOP/s dense bf16)': 312e12}
+GPUS = ('H100', 'A100')  # their dense bf16 peaks: bench/mfu.py's PEAK_BF16_TFLOPS
 MFU = 0.4  # the share of the peak a well-fed ViT-B step reaches (an assumption, stated in the output)
 BATCH = 64
 
@@ -117,16 +117,15 @@ def in_child(*args: str) -> dict:
 
 
 def step_flops(crop: int) -> float:
-    """FLOPs of one M2D ViT-B training step per sample (forward and backward, 16x16 patches, mask 0.7)."""
+    """FLOPs of one M2D ViT-B training step per sample (forward and backward, 16x16 patches, mask 0.7),
+    counted as bench/bench_train.py counts them (attention included)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
+    from bench.bench_train import Shape, flops_per_sample
     from m2d.model.vit import create_model
-    model = create_model('m2d_vit_base', img_size=[80, crop], patch_size=[16, 16])
-    x = torch.randn(2, 1, 80, crop)
-    with FlopCounterMode(display=False) as counter:
-        model(x, mask_ratio=0.7)[0].backward()
-    return counter.get_total_flops() / 2
+    shape = Shape((80, crop), (16, 16))
+    return flops_per_sample(lambda: create_model('m2d_vit_base', img_size=list(shape.input_size), patch_size=[16, 16]),
+                            shape, torch.device('cpu'), 0.7)
 
 
 def fp16_deviation(frames: int, crop: int) -> None:
@@ -224,15 +223,17 @@ def main() -> None:
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
+    from bench.mfu import PEAK_BF16_TFLOPS
     flops = step_flops(args.crop)
     print(f'\nM2D ViT-B training step, 80x{args.crop} crop: {flops / 1e9:.1f} GFLOP per sample (counted, forward '
           f'and backward); at {MFU:.0%} of the peak:')
     clips = args.clips[-1]
-    for gpu, peak in GPUS.items():
-        rate = peak * MFU / flops
+    for gpu in GPUS:
+        peak = dict(PEAK_BF16_TFLOPS)[gpu]
+        rate = peak * 1e12 * MFU / flops
         need = {f'{path} {cache}': rate / rates[(clips, path, cache)]['samples_per_s']
                 for path in ('published', 'shards') for cache in ('warm', 'cold')}
-        print(f'  {gpu}: {rate:.0f} samples/s -> loader cores: '
+        print(f'  {gpu} ({peak:g} TFLOP/s dense bf16): {rate:.0f} samples/s -> loader cores: '
               + ', '.join(f'{k} {v:.1f}' for k, v in need.items()) + f' (at {clips} clips)')
 
 
