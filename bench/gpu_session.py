@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from util.cpu import usable_cores
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ('env', 'bench', 'published', 'encode', 'data', 'run', 'curves', 'bench64', 'extras')
 SHAPES = ('80x608p16x16', '80x200p16x4')
@@ -198,8 +200,7 @@ class Session:
 
     def largest_batches(self) -> dict[str, int]:
         """Per shape, the largest batch the bf16 sweep of the bench stage ran (from its JSON)."""
-        path = self.work / 'bench_core.json'
-        rows = json.loads(path.read_text())['rows'] if path.is_file() else []
+        rows = (load_json(self.work / 'bench_core.json') or {}).get('rows', [])
         largest: dict[str, int] = {}
         for r in rows:
             if r.get('sweep') and r['status'] == 'ok':
@@ -230,7 +231,7 @@ class Session:
         audio = self.work / 'audio'
         shutil.rmtree(audio, ignore_errors=True)
         shutil.rmtree(self.data, ignore_errors=True)
-        workers = max(1, min(16, os.cpu_count() or 1))
+        workers = min(16, usable_cores())
         per_worker = -(-self.sizes.n_files // workers)
         jobs = [(audio / f'w{i:02d}', min(per_worker, self.sizes.n_files - i * per_worker), i, self.sizes.seconds)
                 for i in range(workers) if i * per_worker < self.sizes.n_files]
@@ -359,11 +360,10 @@ def goals(session: Session) -> list[str]:
     """The issue's goals against what was measured."""
     lines = []
     core = load_json(session.work / 'bench_core.json')
-    largest = session.largest_batches()
-    for shape, batch in largest.items():
+    published = load_json(session.work / 'published.json') or {}
+    for shape, batch in session.largest_batches().items():
         ours = [r for r in (core or {}).get('rows', []) if r['shape'] == shape and r['batch'] == batch
                 and r['status'] == 'ok' and r['setting'].startswith('bf16') and r['mfu'] is not None]
-        published = load_json(session.work / 'published.json') or {}
         theirs = [r for r in published.get('rows', []) if r['shape'] == shape and r['status'] == 'ok'
                   and r.get('loop_mfu') is not None]
         same = [r for r in theirs if r['batch'] == batch] or theirs
@@ -459,7 +459,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument('--out', default=os.environ.get('OUT') or str(REPO / 'gpu_session_out'))
     p.add_argument('--work', default=None, help='work files (default: a folder below the temporary directory)')
     p.add_argument('--deadline', type=float, default=None,
-                   help='seconds for the whole session (default: 560 on the GPU, none for --cpu-smoke)')
+                   help='seconds for the whole session (default: 550 on the GPU, none for --cpu-smoke)')
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.work = args.work or str(Path(os.environ.get('TMPDIR', '/tmp')) / ('m2d-gpu-session'

@@ -79,21 +79,21 @@ def train(name: str, flags: list[str], out: Path) -> Path:
     return run_dir
 
 
-def plot(curves: dict[str, np.ndarray], window: int, title: str, path: Path) -> None:
-    """Raw losses faint, smoothed ones solid; the published seeds' smoothed range shaded."""
+def plot(curves: dict[str, np.ndarray], smoothed: dict[str, np.ndarray], window: int, title: str, path: Path) -> None:
+    """Raw losses faint, smoothed ones (over `window` steps) solid; the published seeds' smoothed range shaded."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    published = [smooth(v, window) for k, v in curves.items() if k.startswith('published')]
+    published = [v for k, v in smoothed.items() if k.startswith('published')]
     n = min(len(c) for c in published)
     steps = np.arange(1, n + 1)
     ax.fill_between(steps, np.min([c[:n] for c in published], axis=0), np.max([c[:n] for c in published], axis=0),
                     color='tab:blue', alpha=0.15, label='published path: range over seeds')
     colours = {'published': 'tab:blue', 'fast': 'tab:orange'}
-    for i, (name, loss) in enumerate(curves.items()):
+    for name, loss in curves.items():
         colour = colours[name.split('-')[0]]
         style = '-' if name.endswith('seed0') or name.startswith('fast') else '--'
         x = np.arange(1, len(loss) + 1)
         ax.plot(x, loss, color=colour, alpha=0.15, linewidth=0.8)
-        ax.plot(x, smooth(loss, window), color=colour, linestyle=style, linewidth=1.6, label=f'{name} (smoothed)')
+        ax.plot(x, smoothed[name], color=colour, linestyle=style, linewidth=1.6, label=f'{name} (smoothed)')
     ax.set_xlabel('step')
     ax.set_ylabel(f'training loss (smoothed over {window} steps)')
     ax.grid(alpha=0.3)
@@ -137,7 +137,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     verdict = 'within' if result['within_seed_noise'] else 'OUTSIDE'
     title = (f'--fast vs the published path: gap {fast_gap:.4f} vs seed noise {noise:.4f}: {verdict} seed noise\n'
              f'(mean |difference| of the smoothed curves over the second half of the steps)')
-    plot(curves, args.smooth, title, out / 'loss_curves.png')
+    plot(curves, smoothed, args.smooth, title, out / 'loss_curves.png')
     (out / 'loss_curves.json').write_text(json.dumps(result, indent=1))
     print(f'{title.replace(chr(10), " ")}\nfinal losses (mean of the last {args.smooth} steps): '
           + ', '.join(f'{k} {v:.4f}' for k, v in result['final_loss'].items())
