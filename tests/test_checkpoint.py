@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_checkpoint, make_lms_dataset
+from test_pretrain import tiny_argv as pretrain_argv
+from test_run_safety import resume_argv
 
 import m2d.hear as hear
 from m2d.audio.synth import write_labelled_task
@@ -171,11 +173,8 @@ def test_explicit_arguments_then_checkpoint_then_folder_name(tmp_path):
 
 
 def tiny_argv(data: Path, out, *extra: str) -> list[str]:
-    return ['--model', 'm2d_vit_tiny', '--decoder_depth', '1', '--depth', '2', '--input_size', '80x96',
-            '--batch_size', '8', '--epochs', '3', '--warmup_epochs', '1', '--device', 'cpu', '--num_workers', '0',
-            '--data_path', str(data), '--dataset', str(data / 'files.csv'), '--output_dir', str(out),
-            '--print_freq', '1', '--save_freq', '1', '--eval_scripts', str(data / 'no_scripts'), '--threads', '1',
-            *extra]
+    """test_pretrain's tiny run, with a one-block predictor and 3 epochs."""
+    return pretrain_argv(data, out, '--decoder_depth', '1', '--epochs', '3', *extra)
 
 
 def test_resume_continues_with_the_stored_model_and_schedule(lms_data, tmp_path, monkeypatch, capsys):
@@ -185,8 +184,7 @@ def test_resume_continues_with_the_stored_model_and_schedule(lms_data, tmp_path,
     stopped = tmp_path / 'another name'
     pretrain_main(get_args_parser().parse_args(tiny_argv(lms_data, stopped, '--stop_at', '1')))
     monkeypatch.chdir(tmp_path)  # somewhere else: the run folder is the checkpoint's
-    here = ['--data_path', str(lms_data), '--dataset', str(lms_data / 'files.csv'), '--device', 'cpu',
-            '--eval_scripts', str(lms_data / 'no_scripts'), '--threads', '1']
+    here = resume_argv(lms_data)
     assert cli(argv=['--resume', str(stopped / 'checkpoint-1.pth'), *here]) == 0
     assert 'Resumed from' in capsys.readouterr().out
     a, b = load_checkpoint(straight / 'checkpoint-3.pth'), load_checkpoint(stopped / 'checkpoint-3.pth')

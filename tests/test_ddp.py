@@ -79,11 +79,8 @@ def _recording_worker(rank: int, world_size: int, port: int, argv: list[str], ou
 def shard_argv(tmp_path: Path, run: Path, url: bool = False) -> list[str]:
     """24 clips in shards of 5, batch 4 on each of 2 ranks: 3 steps per epoch, no clip left over. url: the
     shards as a file:// URL, which the processes fetch into their cache (as http(s):// or gs://)."""
-    from m2d.cli import main as m2d_main
-    data = make_lms_dataset(tmp_path / 'data', lengths=(150, 96, 60, 300) * 6, vis=0)
-    shards = tmp_path / 'shards'
-    assert m2d_main(['pack', str(data / 'files.csv'), str(shards), '--data_path', str(data), '--workers', '1',
-                     '--shard_clips', '5']) == 0
+    from test_shards import pack
+    shards = pack(make_lms_dataset(tmp_path / 'data', lengths=(150, 96, 60, 300) * 6, vis=0), tmp_path / 'shards')
     return ['--model', 'm2d_vit_tiny', '--depth', '1', '--decoder_depth', '1', '--input_size', '80x64',
             '--batch_size', '4', '--epochs', '2', '--warmup_epochs', '1', '--device', 'cpu', '--num_workers', '0',
             '--shards', shards.resolve().as_uri() if url else str(shards), '--shard_cache', str(tmp_path / 'cache'),

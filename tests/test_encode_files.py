@@ -23,7 +23,6 @@ import m2d.tools.encode
 from m2d.audio.io import load_audio
 from m2d.cli import main
 from m2d.errors import UsageError
-from m2d.runtime.runtime import RuntimeM2D
 from m2d.tools.encode import encode_files
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -55,11 +54,6 @@ def audio_dir(tmp_path):
 GOOD = {'a/tone16k': 'a/tone16k.wav', 'b/stereo44k': 'b/stereo44k.wav', 'b/c/deep8k': 'b/c/deep8k.flac'}
 BAD = {'silence.wav': 'digital silence', 'short.wav': 'shorter than one patch', 'corrupt.wav': 'cannot read audio',
        'empty.wav': 'no audio samples'}
-
-
-@pytest.fixture(scope='module')
-def rt(tiny_ckpt):
-    return RuntimeM2D(weight_file=str(tiny_ckpt))
 
 
 def test_folder_clip_embeddings_and_failures(tiny_ckpt, rt, audio_dir, tmp_path):

@@ -254,6 +254,11 @@ def test_shell_scripts_run_the_suite(tiny_ckpt, task_csv, tmp_path, cache):
 
 # ----- bad input: a clear error before any encoding (the weight below does not even exist) -----
 
+def empty_fold(df: pd.DataFrame) -> pd.DataFrame:
+    """The task as a fold task, one of whose rows has no fold number."""
+    return df.drop(columns='split').assign(fold=np.where(df.index == 3, np.nan, df.index % 2 + 1))
+
+
 def _variant(task_csv: Path, tmp_path: Path, edit) -> str:
     df = edit(pd.read_csv(task_csv))
     path = tmp_path / 'bad.csv'
@@ -270,7 +275,7 @@ def _variant(task_csv: Path, tmp_path: Path, edit) -> str:
     (lambda df: df.assign(label='tone'), 'only one class'),
     (lambda df: df.drop(columns='split'), 'needs columns file_name, label and split'),
     (lambda df: df.drop(columns='split').assign(fold=1), 'single fold'),
-    (lambda df: df.drop(columns='split').assign(fold=np.where(df.index == 3, np.nan, df.index % 2 + 1)),
+    (empty_fold,
      r'1 rows of .*bad.csv have an empty fold: line 5 \(.*\.wav\); give every row a fold number'),
     (lambda df: df.assign(split=df.split.where(df.index != 0)),
      r'1 rows of .*bad.csv have an empty split: line 2 \(.*\.wav\); give every row a split \(train, valid or test\)'),
@@ -290,8 +295,7 @@ def test_bad_task_input_fails_before_encoding(task_csv, tmp_path, edit, message)
 
 def test_bad_options_and_an_empty_fold_are_one_line_errors_with_nothing_appended(tiny_ckpt, task_csv, tmp_path, capsys):
     results = tmp_path / 'scores.csv'
-    empty_fold = _variant(task_csv, tmp_path, lambda df: df.drop(columns='split').assign(
-        fold=np.where(df.index == 3, np.nan, df.index % 2 + 1)))
+    bad_folds = _variant(task_csv, tmp_path, empty_fold)
     folds = str(write_labelled_task(tmp_path / 'f', n_per_class=(2, 1, 0), seconds=0.5, kinds=KINDS, folds=3))
     ckpt, task = str(tiny_ckpt), str(task_csv)
     for argv, message in [
@@ -307,8 +311,8 @@ def test_bad_options_and_an_empty_fold_are_one_line_errors_with_nothing_appended
          re.escape('lineareval: --clip_seconds must be above 0 seconds, got 0.0')),
         (['finetune', ckpt, folds, '--fold', '4'],
          re.escape("finetune: no fold 4 in task 'f': its 3 folds are numbered 1 to 3")),
-        (['lineareval', ckpt, empty_fold, '--audio_root', str(task_csv.parent / 'audio')],
-         rf"lineareval: task 'bad': 1 rows of {re.escape(empty_fold)} have an empty fold: line 5 \(train/\w+\.wav\); "
+        (['lineareval', ckpt, bad_folds, '--audio_root', str(task_csv.parent / 'audio')],
+         rf"lineareval: task 'bad': 1 rows of {re.escape(bad_folds)} have an empty fold: line 5 \(train/\w+\.wav\); "
          'give every row a fold number'),
     ]:
         assert main([*argv, '--results', str(results)]) == 2, argv

@@ -3,6 +3,7 @@
 Checkpoints are shared between people: what a file stores is data. A resumed run takes from it only the
 model and the optimisation; values are checked as flags are; a run never overwrites another's results.
 """
+import argparse
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_checkpoint
+from test_pretrain import tiny_argv
+from test_wav_to_lms import _write
 
 from m2d.checkpoint import load_checkpoint
 from m2d.cli.train import cli
@@ -24,11 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def argv(data: Path, out: Path, *extra: str) -> list[str]:
-    """A tiny M2D run: 16 files, batch 8, 2 steps per epoch, 2 epochs, a checkpoint every epoch."""
-    return ['--model', 'm2d_vit_tiny', '--depth', '1', '--decoder_depth', '1', '--input_size', '80x64',
-            '--batch_size', '8', '--epochs', '2', '--warmup_epochs', '1', '--device', 'cpu', '--num_workers', '0',
-            '--threads', '1', '--data_path', str(data), '--dataset', str(data / 'files.csv'), '--output_dir', str(out),
-            '--print_freq', '1', '--save_freq', '1', '--eval_scripts', str(data / 'no_scripts'), *extra]
+    """A tiny M2D run (test_pretrain's, with one block each and 80x64 crops): 16 files, batch 8, 2 steps per
+    epoch, 2 epochs, a checkpoint every epoch."""
+    return tiny_argv(data, out, '--depth', '1', '--decoder_depth', '1', '--input_size', '80x64', *extra)
 
 
 def fake_scripts(folder: Path) -> Path:
@@ -134,7 +135,7 @@ def test_weights_and_stats_from_files_are_checked_before_use(tmp_path):
 
     path = make_checkpoint(tmp_path / 'huge')
     ckpt = torch.load(path)
-    ckpt['args'] = __import__('argparse').Namespace(model='m2d_vit_tiny', input_size=[80, 160000000],
+    ckpt['args'] = argparse.Namespace(model='m2d_vit_tiny', input_size=[80, 160000000],
                                                     patch_size=[16, 16])
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match='more than the 16384 a model may have'):
@@ -146,10 +147,7 @@ def test_encode_refuses_a_checkpoint_with_non_finite_weights(tmp_path):
     ckpt = torch.load(path)
     ckpt['model']['norm.weight'][0] = float('inf')
     torch.save(ckpt, path)
-    import numpy as np
-    import soundfile as sf
-    (tmp_path / 'audio').mkdir()
-    sf.write(tmp_path / 'audio' / 'a.wav', np.zeros(16000, np.float32), 16000)
+    _write(tmp_path / 'audio' / 'a.wav', 16000, 1.0, 1)
     proc = subprocess.run([sys.executable, '-m', 'm2d', 'encode', str(path), str(tmp_path / 'audio'),
                            str(tmp_path / 'emb')], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and 'holds NaN or inf values' in proc.stderr

@@ -1,5 +1,6 @@
 """Shards (m2d pack, --shards): packing, the index, checks of bad shards, remote fetching, each rank's epoch
 plan, crops, training, and an exact mid-epoch resume."""
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -44,7 +45,7 @@ def sources_by_position(out: Path) -> dict[int, str]:
     return dict(enumerate(names))
 
 
-def test_pack_stores_every_clip_readable_by_offset_and_by_webdataset(tmp_path, capsys):
+def test_pack_stores_every_clip_readable_by_offset_and_by_webdataset(tmp_path):
     data = make_lms_dataset(tmp_path / 'data', vis=0)
     out = pack(data, tmp_path / 'shards', '--dtype', 'float32')
     shards = open_shards(str(out), 80)
@@ -71,7 +72,7 @@ def test_pack_stores_every_clip_readable_by_offset_and_by_webdataset(tmp_path, c
     assert (out / 'shard-000000.tar').stat().st_size > 1.8 * (half / 'shard-000000.tar').stat().st_size
 
 
-def test_pack_reports_bad_files_goes_on_and_resumes_after_an_interruption(tmp_path, capsys):
+def test_pack_reports_bad_files_goes_on_and_resumes_after_an_interruption(tmp_path):
     data = make_lms_dataset(tmp_path / 'data', vis=0)
     np.save(data / 'lms' / 'nan.npy', np.full((1, 80, 50), np.nan, np.float32))
     np.save(data / 'lms' / 'flat.npy', np.zeros((80, 50), np.float32))
@@ -194,7 +195,7 @@ def test_shards_are_checked_once_and_remembered(tmp_path, monkeypatch):
     out = pack(data, tmp_path / 'shards')
     shards = open_shards(str(out), 80)
     hashed = []
-    real_sha256 = __import__('hashlib').sha256
+    real_sha256 = hashlib.sha256
     monkeypatch.setattr('m2d.train.shard_set.hashlib.sha256', lambda *a: hashed.append(1) or real_sha256(*a))
     ShardFiles(shards, tmp_path / 'cache').clip(0)
     assert len(hashed) == 1
@@ -229,8 +230,8 @@ def test_a_remote_set_is_fetched_into_the_cache_and_checked(tmp_path):
         open_shards((tmp_path / 'nowhere').as_uri(), 80)
 
 
-def tiny_argv(out: Path, run: Path, *extra: str) -> list[str]:
-    """24 clips, batch 8: 3 steps per epoch of a tiny model."""
+def tiny_argv(run: Path, *extra: str) -> list[str]:
+    """A tiny model, batch 8 (on 24 clips: 3 steps per epoch), its run folder `run`."""
     return ['--model', 'm2d_vit_tiny', '--depth', '1', '--decoder_depth', '1', '--input_size', '80x64',
             '--batch_size', '8', '--epochs', '2', '--warmup_epochs', '1', '--device', 'cpu', '--num_workers', '0',
             '--output_dir', str(run), '--print_freq', '1', '--eval_scripts', str(run.parent / 'none'),
@@ -256,17 +257,17 @@ def test_a_run_resumed_part_way_through_an_epoch_sees_the_same_samples_and_ends_
         return real_step(model, samples, *args, **kwargs)
 
     monkeypatch.setattr(engine, 'forward_backward', recording_step)
-    whole = main(get_args_parser().parse_args(tiny_argv(tmp_path, tmp_path / 'whole', *where)))
+    whole = main(get_args_parser().parse_args(tiny_argv(tmp_path / 'whole', *where)))
     expected, batches[:] = list(batches), []
 
     run = tmp_path / 'stopped'
     stop_at[0] = 4  # in step 2 of epoch 2, after the checkpoint of its first step
     with pytest.raises(KeyboardInterrupt, match='checkpoint-last.pth'):
-        main(get_args_parser().parse_args(tiny_argv(tmp_path, run, *where, '--save_every_steps', '1')))
+        main(get_args_parser().parse_args(tiny_argv(run, *where, '--save_every_steps', '1')))
     stop_at[0] = None
     before = len(batches)
     workers = ['--num_workers', '2'] if source == 'shards' else []  # the shard order does not depend on workers
-    resumed = main(get_args_parser().parse_args(tiny_argv(tmp_path, run, *where, '--resume',
+    resumed = main(get_args_parser().parse_args(tiny_argv(run, *where, '--resume',
                                                           str(run / 'checkpoint-last.pth'), *workers)))
     assert before == 4 and len(batches) == 6
     for a, b in zip(expected, batches):
