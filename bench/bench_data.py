@@ -60,28 +60,23 @@ def evict(folder: Path) -> None:
             os.close(fd)
 
 
-def config(root: Path, path: str, crop: int, norm_stats=None):
+def config(root: Path, path: str, crop: int, norm_stats=(-5.0, 2.0)):
     return argparse.Namespace(data_path=str(root), dataset=str(root / 'files.csv'), input_size=[80, crop],
-                              norm_stats=norm_stats or [-5.0, 2.0], noise_ratio=0.0, csv_bg_noise='',
+                              norm_stats=norm_stats, noise_ratio=0.0, csv_bg_noise='',
                               published_data=False, seed=0, batch_size=BATCH, num_workers=0, pin_mem=False,
                               shards=str(root / 'shards') if path == 'shards' else '',
                               shard_cache=str(root / 'cache'), skip_missing=False)
 
 
 def child_startup(root: Path, path: str, crop: int) -> dict:
-    """Launch -> first batch, the data part, as m2d.train.main does it."""
+    """Launch -> first batch, the data part, as a run does it (m2d.train.setup.load_data, then the loader)."""
     import torch
 
-    from m2d.train.data import check_files, checked_list_path, compute_norm_stats, make_loader, read_file_list
-    from m2d.train.shard_set import open_shards
+    from m2d.train.data import make_loader
+    from m2d.train.setup import load_data
     from util.dist import DistInfo
     start = time.perf_counter()
-    if path == 'shards':
-        data = open_shards(str(root / 'shards'), 80)
-        stats = data.norm_stats
-    else:
-        data = check_files(read_file_list(root / 'files.csv'), root, 80, remember=checked_list_path(root / 'files.csv'))
-        stats = compute_norm_stats(data, root, crop)[:2]
+    data, stats = load_data(config(root, path, crop, norm_stats=None), print_fn=lambda _: None)
     loader, start_of_epoch = make_loader(config(root, path, crop, stats), DistInfo(), data, torch.device('cpu'))
     start_of_epoch(0)
     next(iter(loader))

@@ -57,6 +57,13 @@ def _prepare_data(config: TrainConfig, out: Path, print_fn: PrintFn
     if busy:
         raise UsageError(busy)
     check_ownership(out, Path(config.resume) if config.resume else None, config.overwrite)
+    return load_data(config, print_fn)
+
+
+def load_data(config: TrainConfig, print_fn: PrintFn) -> tuple[Union[list[str], ShardSet], Optional[list[float]]]:
+    """The run's data, checked (the listed files, or the shard set of --shards), and its normalisation stats:
+    --norm_stats, else the shard index's, else measured on random crops (None with --published_data: each
+    process estimates its own in settle)."""
     if config.shards:
         return _prepare_shards(config, print_fn)
     files = check_files(read_file_list(config.dataset), config.data_path, config.input_size[0], config.skip_missing,
