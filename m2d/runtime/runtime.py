@@ -44,6 +44,15 @@ log = logging.getLogger(__name__)
 AudioLike = Union[torch.Tensor, np.ndarray]
 
 
+def _as_tensor(x: AudioLike, what: str) -> torch.Tensor:
+    """A numpy array as a tensor (sharing memory); TypeError naming `what` for anything but the two."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not torch.is_tensor(x):
+        raise TypeError(f'{what} must be a torch.Tensor or numpy array, got {type(x).__name__}')
+    return x
+
+
 class RuntimeM2D(nn.Module):
     """Audio -> log-mel spectrogram -> M2D features.
 
@@ -139,10 +148,7 @@ class RuntimeM2D(nn.Module):
 
     def check_audio(self, audio: AudioLike) -> torch.Tensor:
         """Validate mono audio [B, S] (or [S]) and move it to the model's device as float32."""
-        if isinstance(audio, np.ndarray):
-            audio = torch.from_numpy(audio)
-        if not torch.is_tensor(audio):
-            raise TypeError(f'audio must be a torch.Tensor or numpy array, got {type(audio).__name__}')
+        audio = _as_tensor(audio, 'audio')
         if not audio.is_floating_point():
             raise TypeError(f'audio must be float samples in [-1, 1], got {audio.dtype}; '
                             'scale integer PCM first (e.g. int16 / 32768)')
@@ -167,10 +173,7 @@ class RuntimeM2D(nn.Module):
 
     def check_lms(self, lms: AudioLike) -> torch.Tensor:
         """Validate an LMS batch [B, 1, F, T] and move it to the model's device."""
-        if isinstance(lms, np.ndarray):
-            lms = torch.from_numpy(lms)
-        if not torch.is_tensor(lms):
-            raise TypeError(f'LMS must be a torch.Tensor or numpy array, got {type(lms).__name__}')
+        lms = _as_tensor(lms, 'LMS')
         if not lms.is_floating_point():
             raise TypeError(f'LMS must be floating point, got {lms.dtype}')
         n_mels, patch_t = self.cfg.input_size[0], self.cfg.patch_size[1]

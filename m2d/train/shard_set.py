@@ -278,18 +278,24 @@ class ShardFiles:
             os.close(self.handles.popitem(last=False)[1])
         return fd
 
+    def byte_range(self, sample: int, start: int, frames: int) -> tuple[int, int, int]:
+        """(shard, byte offset, bytes) of `frames` frames of clip number `sample` from frame `start` (the clips
+        are stored frame by frame)."""
+        shard = self.shards.shard_of(sample)
+        record = self.record(shard)
+        frame_bytes = record['n_mels'] * np.dtype(record['dtype']).itemsize
+        return shard, int(self.shards.offsets[sample]) + start * frame_bytes, frames * frame_bytes
+
     def read(self, sample: int, start: int, frames: int) -> np.ndarray:
         """`frames` frames of clip number `sample` from frame `start`: (1, F, frames) in the stored dtype (a
         view of the frames as stored, one after the other: the clips' Fortran order)."""
-        shard = self.shards.shard_of(sample)
-        record = self.record(shard)
-        dtype, n_mels = np.dtype(record['dtype']), record['n_mels']
-        size, frame_bytes = n_mels * frames * dtype.itemsize, n_mels * dtype.itemsize
-        data = os.pread(self.handle(shard), size, int(self.shards.offsets[sample]) + start * frame_bytes)
+        shard, offset, size = self.byte_range(sample, start, frames)
+        data = os.pread(self.handle(shard), size, offset)
         if len(data) != size:
             raise ShardError(f'{self.path(shard)}: truncated (a clip ends past the end of the file); '
                              'pack it again or restore it, then --resume')
-        return np.frombuffer(data, dtype).reshape(frames, n_mels).T[None]
+        record = self.record(shard)
+        return np.frombuffer(data, record['dtype']).reshape(frames, record['n_mels']).T[None]
 
     def clip(self, sample: int) -> np.ndarray:
         """Clip number `sample` of the set: (1, F, T) in its stored dtype."""
@@ -305,12 +311,9 @@ class ShardFiles:
         """Ask the kernel to read these (sample, start, frames) in the background (only what they need)."""
         if not hasattr(os, 'posix_fadvise'):
             return
-        for sample, start, frames in crops:
-            record = self.record(self.shards.shard_of(sample))
-            frame_bytes = record['n_mels'] * np.dtype(record['dtype']).itemsize
-            os.posix_fadvise(self.handle(self.shards.shard_of(sample)),
-                             int(self.shards.offsets[sample]) + start * frame_bytes, frames * frame_bytes,
-                             os.POSIX_FADV_WILLNEED)
+        for crop in crops:
+            shard, offset, size = self.byte_range(*crop)
+            os.posix_fadvise(self.handle(shard), offset, size, os.POSIX_FADV_WILLNEED)
 
     def prefetch(self, shards: list[int]) -> None:
         """Remote sets: fetch these shards in a background thread unless one is still busy."""
