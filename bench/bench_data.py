@@ -116,7 +116,8 @@ def step_flops(crop: int) -> float:
     counted as bench/bench_train.py counts them (attention included)."""
     import torch
 
-    from bench.bench_train import Shape, flops_per_sample
+    from bench.bench_train import flops_per_sample
+    from bench.mfu import Shape
     from m2d.model.vit import create_model
     shape = Shape((80, crop), (16, 16))
     return flops_per_sample(lambda: create_model('m2d_vit_base', img_size=list(shape.input_size), patch_size=[16, 16]),

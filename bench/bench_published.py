@@ -39,18 +39,16 @@ import torch
 
 from bench.mfu import (
     HEADER,
-    PHASES,
     PhaseTimer,
+    Shape,
     count_flops,
     device_name,
     fail,
     format_row,
-    peak_memory_gib,
     peak_tflops,
     random_batch,
-    release_memory,
-    reset_peak_memory,
     sync,
+    timed_row,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,41 +149,20 @@ class PublishedStep:
 
 def measure(pub, build, input_size, batch: int, device: torch.device, args, flops: int, peak: Optional[float]) -> dict:
     """One batch size: warm-up, the timed split, then the timed published loop -> its row."""
-    release_memory(device)
-    reset_peak_memory(device)
-    torch.manual_seed(0)
-    row = dict(status='ok')
-    try:
-        step = PublishedStep(pub, build(), batch, input_size, device, args.mask_ratio)
-        for _ in range(args.warmup):
-            step()
-        sync(device)
-        timer = PhaseTimer(device, PHASES)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            loss = step(timer)
-        sync(device)
-        seconds = (time.perf_counter() - start) / args.steps
-        phases = timer.means()
+    def loop(step: PublishedStep, row: dict) -> None:
         loop_seconds = step.loop(args.steps) / args.steps
-        row.update(samples_per_s=batch / seconds, step_ms=1000 * seconds, phases_ms=phases,
-                   peak_gib=peak_memory_gib(device), tflops=flops * batch / seconds / 1e12, loss=loss,
-                   loop_samples_per_s=batch / loop_seconds, loop_tflops=flops * batch / loop_seconds / 1e12)
-        row['mfu'] = row['tflops'] / peak if peak else None
+        row.update(loop_samples_per_s=batch / loop_seconds, loop_tflops=flops * batch / loop_seconds / 1e12)
         row['loop_mfu'] = row['loop_tflops'] / peak if peak else None
-    except torch.OutOfMemoryError:
-        row['status'] = 'OOM'
-    except Exception as e:  # report and go on to the next batch size
-        row['status'] = f'error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-    step = None  # noqa: F841  (frees the model before the next batch size)
-    release_memory(device)
-    return row
+
+    return timed_row(lambda: PublishedStep(pub, build(), batch, input_size, device, args.mask_ratio), device, batch,
+                     args.steps, args.warmup, flops, peak, after=loop)
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--published', default=str(REPO / '.published'), help='folder bench/gpu_prepare.sh made')
-    p.add_argument('--shapes', nargs='+', default=None, help='inputs as FxTpPFxPT (default: 80x608p16x16 80x200p16x4)')
+    p.add_argument('--shapes', nargs='+', type=Shape.parse, default=None,
+                   help='inputs as FxTpPFxPT (default: 80x608p16x16 80x200p16x4)')
     p.add_argument('--batches', nargs='+', type=int, default=None, help='batch sizes (default: 64 512)')
     p.add_argument('--mask_ratio', default=0.7, type=float)
     p.add_argument('--steps', default=20, type=int, help='timed steps (split), and the batches of the timed loop')
@@ -198,8 +175,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.quick:
         args.device, args.steps, args.warmup = 'cpu', 2, 1
-        args.shapes, args.batches = args.shapes or ['80x64p16x4'], args.batches or [2, 4]
-    args.shapes, args.batches = args.shapes or ['80x608p16x16', '80x200p16x4'], args.batches or [64, 512]
+        args.shapes, args.batches = args.shapes or [Shape.parse('80x64p16x4')], args.batches or [2, 4]
+    args.shapes = args.shapes or [Shape.parse('80x608p16x16'), Shape.parse('80x200p16x4')]
+    args.batches = args.batches or [64, 512]
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         fail('CUDA is not available here; pass --device cpu (or --quick)')
@@ -210,8 +188,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
           f'{info["device"]}, torch {torch.__version__}; '
           + (f'MFU against {peak:g} TFLOP/s' if peak else 'no MFU (no peak known)')
           + f'; {args.steps} timed steps after {args.warmup}\n\n{HEADER}', flush=True)
-    for text in args.shapes:
-        size, patch = (tuple(int(v) for v in part.split('x')) for part in text.split('p'))
+    for shape in args.shapes:
+        text, size, patch = str(shape), shape.input_size, shape.patch_size
         build = partial(build_model, pub, size, patch, args.quick)
         model = build().to(device)
         x = random_batch(1, size).to(device)

@@ -36,21 +36,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.mfu import (
     HEADER,
-    PHASES,
     PhaseTimer,
+    Shape,
     count_flops,
     device_name,
     fail,
     format_row,
-    peak_memory_gib,
     peak_tflops,
     random_batch,
-    release_memory,
-    reset_peak_memory,
-    sync,
+    set_fused_attention,
+    timed_row,
     unfused_attention,
 )
-from m2d.checkpoint import parse_size
 from m2d.model.vit import MODELS, create_model
 from m2d.train.engine import Precision, optimizer_step, update_target
 from m2d.train.fast import compile_blocks
@@ -96,24 +93,6 @@ GPU_SETTINGS = ['fp32', 'fp16-scaler', 'bf16', 'bf16-compile', 'bf16-compile-mod
 QUICK_SETTINGS = [name for name, s in SETTINGS.items() if not s.compile]
 
 
-@dataclass(frozen=True)
-class Shape:
-    """A model input: F x T crops cut into pf x pt patches, written like 80x608p16x16."""
-    input_size: tuple[int, int]
-    patch_size: tuple[int, int]
-
-    @classmethod
-    def parse(cls, text: str) -> 'Shape':
-        try:
-            size, patch = text.split('p')
-            return cls(tuple(parse_size(size)), tuple(parse_size(patch)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'expected a shape like 80x608p16x16, got {text!r}') from None
-
-    def __str__(self) -> str:
-        return f'{self.input_size[0]}x{self.input_size[1]}p{self.patch_size[0]}x{self.patch_size[1]}'
-
-
 def loop_ema(model: torch.nn.Module, decay: float) -> None:
     """The baseline EMA: one pair of small kernels per parameter."""
     if hasattr(model, 'ema_pairs'):
@@ -139,9 +118,7 @@ class TrainStep:
         self.device, self.mask_ratio = device, mask_ratio
         self.model = build().to(device).train()
         if setting.attention == 'naive':
-            for m in self.model.modules():
-                if hasattr(m, 'fused_attn'):
-                    m.fused_attn = False
+            set_fused_attention(self.model, False)
         backend = SDPA_BACKENDS.get(setting.attention)
         self.attention = (lambda: sdpa_kernel(backend)) if backend is not None else contextlib.nullcontext
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -203,36 +180,14 @@ def measure(step_args: tuple, setting: Setting, batch: int, steps: int, warmup: 
     """Run one configuration: warm-up steps, then timed ones -> its row (status 'ok', 'OOM' or 'error: ...')."""
     build, shape, device, mask_ratio = step_args
     torch.compiler.reset()  # each configuration compiles afresh (on-disk caches still help)
-    release_memory(device)
-    reset_peak_memory(device)
-    torch.manual_seed(0)
-    row = dict(status='ok')
-    try:
-        with tf32_matmuls(setting.tf32):
-            step = TrainStep(build, shape, setting, batch, device, mask_ratio)
-            for _ in range(warmup):
-                step()
-            sync(device)
-            timer = PhaseTimer(device, PHASES)
-            start = time.perf_counter()
-            for _ in range(steps):
-                loss = step(timer)
-            sync(device)
-            wall = time.perf_counter() - start
-            phases = timer.means()
-        seconds = wall / steps
-        row.update(samples_per_s=batch / seconds, step_ms=1000 * seconds, phases_ms=phases,
-                   peak_gib=peak_memory_gib(device), tflops=flops * batch / seconds / 1e12, loss=loss.item())
-        row['mfu'] = row['tflops'] / peak if peak else None
+
+    def finite_loss(step: TrainStep, row: dict) -> None:
         if not math.isfinite(row['loss']):
             row['status'] = f'error: the loss is {row["loss"]}'
-    except torch.OutOfMemoryError:
-        row['status'] = 'OOM'
-    except Exception as e:  # one failed configuration (a kernel missing on this GPU, say) must not stop the table
-        row['status'] = f'error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-    step = loss = None  # noqa: F841  (the last references: the memory goes back before the next configuration)
-    release_memory(device)
-    return row
+
+    with tf32_matmuls(setting.tf32):
+        return timed_row(lambda: TrainStep(build, shape, setting, batch, device, mask_ratio), device, batch, steps,
+                         warmup, flops, peak, after=finite_loss)
 
 
 def batch_plan(batches: list[str]) -> tuple[list[int], bool]:

@@ -14,6 +14,7 @@ import gc
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -64,18 +65,46 @@ def peak_tflops(device: torch.device, override: Optional[float] = None) -> Optio
     return next((tflops for fragment, tflops in PEAK_BF16_TFLOPS if fragment in name), None)
 
 
+@dataclass(frozen=True)
+class Shape:
+    """A model input: F x T crops cut into pf x pt patches, written like 80x608p16x16 (a square patch: p16)."""
+    input_size: tuple[int, int]
+    patch_size: tuple[int, int]
+
+    @classmethod
+    def parse(cls, text: str) -> 'Shape':
+        try:
+            size, patch = (tuple(int(v) for v in part.split('x')) for part in text.split('p'))
+            patch = patch * 2 if len(patch) == 1 else patch
+            if len(size) != 2 or len(patch) != 2 or min(*size, *patch) <= 0:
+                raise ValueError
+            return cls(size, patch)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a shape like 80x608p16x16, got {text!r}') from None
+
+    def __str__(self) -> str:
+        return f'{self.input_size[0]}x{self.input_size[1]}p{self.patch_size[0]}x{self.patch_size[1]}'
+
+
+def set_fused_attention(module: torch.nn.Module, fused: bool) -> list[tuple[torch.nn.Module, bool]]:
+    """Switch timm attention in `module` between SDPA (fused) and explicit products; -> (module, setting
+    before) of each attention."""
+    before = [(m, m.fused_attn) for m in module.modules() if hasattr(m, 'fused_attn')]
+    for m, _ in before:
+        m.fused_attn = fused
+    return before
+
+
 @contextlib.contextmanager
 def unfused_attention(module: torch.nn.Module) -> Iterator[None]:
     """timm attention as explicit products (softmax(QK^T)V) for the duration, so a training step's FLOPs are
     counted alike on every device and as for the published model, whose attention is explicit products
     (torch's formula for a fused attention backward counts a little more)."""
-    fused = [(m, m.fused_attn) for m in module.modules() if hasattr(m, 'fused_attn')]
-    for m, _ in fused:
-        m.fused_attn = False
+    before = set_fused_attention(module, False)
     try:
         yield
     finally:
-        for m, value in fused:
+        for m, value in before:
             m.fused_attn = value
 
 
@@ -139,6 +168,43 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == 'cuda':
         torch.cuda.empty_cache()
+
+
+def timed_row(make_step: Callable[[], Callable], device: torch.device, batch: int, steps: int, warmup: int,
+              flops: int, peak: Optional[float], after: Optional[Callable[[Callable, dict], None]] = None) -> dict:
+    """One configuration of a bench: make_step() builds it (a callable running one training step, taking an
+    optional PhaseTimer and returning the loss); `warmup` untimed steps, then `steps` timed ones with the
+    phase split -> its row: samples/s, step ms, phases, peak GiB, TFLOP/s, MFU (None without a peak), loss;
+    status 'ok', 'OOM' or 'error: ...' (a failed configuration must not stop the table). after(step, row)
+    adds to an ok row while the step still exists. The memory goes back before the next configuration."""
+    release_memory(device)
+    reset_peak_memory(device)
+    torch.manual_seed(0)
+    row = dict(status='ok')
+    step = None
+    try:
+        step = make_step()
+        for _ in range(warmup):
+            step()
+        sync(device)
+        timer = PhaseTimer(device, PHASES)
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = step(timer)
+        sync(device)
+        seconds = (time.perf_counter() - start) / steps
+        row.update(samples_per_s=batch / seconds, step_ms=1000 * seconds, phases_ms=timer.means(),
+                   peak_gib=peak_memory_gib(device), tflops=flops * batch / seconds / 1e12, loss=float(loss))
+        row['mfu'] = row['tflops'] / peak if peak else None
+        if after is not None:
+            after(step, row)
+    except torch.OutOfMemoryError:
+        row['status'] = 'OOM'
+    except Exception as e:
+        row['status'] = f'error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+    step = loss = None  # noqa: F841  (the last references)
+    release_memory(device)
+    return row
 
 
 def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
